@@ -1,0 +1,26 @@
+# Verbs a user types. `make setup` makes .venv/; every other verb uses it (and makes it if missing).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# The data root holds one folder per dataset; beside a checkout with ../shared/ (tests, CI) use that.
+export ANYMS_DATA_ROOT ?= $(if $(wildcard ../shared/dreambench),$(abspath ../shared),)
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh scripts/torchvision_cpu_ops.py
+	bash scripts/setup_env.sh
+	@touch $@
+
+# pytest exits 5 when it collected no test: that is a failure here, not a pass
+test: setup
+	@$(PY) -m pytest tests $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	@$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
