@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 export ANYMS_DATA_ROOT ?= $(if $(wildcard ../shared/dreambench),$(abspath ../shared),)
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast clean-venv
+# Hydra overrides from make variables: `make generate benchmark=anyms11 model=tiny method=wo_local`.
+# ARGS passes anything else through: `make generate ARGS="-m method=anyms,wo_local"`.
+HYDRA_KEYS := model method benchmark generation eval run_dir data_root shard overwrite
+OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
+ARGS ?=
+
+.PHONY: setup test test-fast generate data clean-venv
 
 setup: $(STAMP)
 
@@ -21,6 +27,14 @@ test: setup
 
 test-fast: setup
 	@$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+# images of a benchmark into a run folder (default: the smoke benchmark on the tiny models)
+generate: setup
+	$(PY) scripts/generate.py $(OVERRIDES) $(ARGS)
+
+# DreamBench subject images into $$ANYMS_DATA_ROOT or data/
+data: setup
+	$(PY) scripts/fetch_data.py
 
 clean-venv:
 	rm -rf $(VENV)

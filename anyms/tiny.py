@@ -207,3 +207,62 @@ def random_ip_adapter_state_dict(unet, image_encoder, plus: bool, seed: int = 0,
         layers[f"{2 * i + 1}.to_k_ip.weight"] = rand(inner, ca_dim, std=ca_dim**-0.5)
         layers[f"{2 * i + 1}.to_v_ip.weight"] = rand(inner, ca_dim, std=ca_dim**-0.5)
     return {"image_proj": proj, "ip_adapter": layers}
+
+
+# --- the tiny models in the real hub layout -------------------------------------------------------------
+
+IP_ADAPTER_FILES = {  # as in h94/IP-Adapter: (subfolder, file) -> (pipeline kind, plus?)
+    ("models", "ip-adapter_sd15.safetensors"): ("sd15", False),
+    ("models", "ip-adapter-plus_sd15.safetensors"): ("sd15", True),
+    ("sdxl_models", "ip-adapter_sdxl_vit-h.safetensors"): ("sdxl", False),
+    ("sdxl_models", "ip-adapter-plus_sdxl_vit-h.safetensors"): ("sdxl", True),
+}
+
+
+def _flatten_ip_adapter(state_dict: dict) -> dict:
+    # the .safetensors form of an IP-Adapter: "image_proj.<key>" and "ip_adapter.<key>"
+    return {f"{part}.{k}": v.contiguous() for part, d in state_dict.items() for k, v in d.items()}
+
+
+def write_tiny_hub(root: str | Path, seed: int = 0) -> Path:
+    """Writes, once, ``root/sd15`` and ``root/sdxl`` (diffusers pipeline folders, as the hub repos
+    stable-diffusion-v1-5 and stable-diffusion-xl-base-1.0) and ``root/IP-Adapter`` (as h94/IP-Adapter:
+    ``models/image_encoder`` and the adapters of :data:`IP_ADAPTER_FILES`). Written to a temporary folder
+    and renamed, so a crash never leaves a half-written hub; a complete one is left alone."""
+    import shutil
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    done = root / ".complete"
+    if done.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
+    try:
+        tok_dir = tmp / "_tokenizer"
+        pipes = {
+            "sd15": StableDiffusionPipeline(**tiny_sd15_components(tok_dir, seed)),
+            "sdxl": StableDiffusionXLPipeline(**tiny_sdxl_components(tok_dir, seed)),
+        }
+        encoder = pipes["sd15"].image_encoder
+        encoder.save_pretrained(tmp / "IP-Adapter" / "models" / "image_encoder")
+        for (sub, name), (kind, plus) in IP_ADAPTER_FILES.items():
+            sd = random_ip_adapter_state_dict(pipes[kind].unet, encoder, plus=plus, seed=seed + len(name))
+            (tmp / "IP-Adapter" / sub).mkdir(parents=True, exist_ok=True)
+            save_file(_flatten_ip_adapter(sd), tmp / "IP-Adapter" / sub / name)
+        for kind, pipe in pipes.items():
+            # like the hub repos: no image encoder in the pipeline (the IP-Adapter repo brings it)
+            pipe.register_modules(image_encoder=None, feature_extractor=None)
+            pipe.save_pretrained(tmp / kind)
+        shutil.rmtree(tok_dir)
+        (tmp / ".complete").write_text("tiny random models written by anyms.tiny.write_tiny_hub\n")
+        if root.exists():  # an incomplete earlier attempt
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

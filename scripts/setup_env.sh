@@ -16,6 +16,6 @@ SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['pur
 if [ -f "$SITE/_anyms_torchvision_cpu_ops.pth" ] || ! "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
   cp scripts/torchvision_cpu_ops.py "$SITE/_anyms_torchvision_cpu_ops.py"
   echo "import _anyms_torchvision_cpu_ops" > "$SITE/_anyms_torchvision_cpu_ops.pth"
-  echo "setup: installed the torchvision CPU-ops hook (CPU torch beside PyPI's CUDA torchvision)"
+  echo "setup: torchvision CPU-ops hook in place (CPU torch beside PyPI's CUDA torchvision)"
 fi
 "$VENV/bin/python" -c "import torch, torchvision, diffusers, transformers; print(f'setup: torch {torch.__version__} (cuda {torch.version.cuda}), torchvision {torchvision.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}')"

@@ -1,0 +1,155 @@
+"""The generation stage: a Hydra config -> images and records in a run folder (the ``runfolder`` format).
+
+Checks the benchmark (boxes, folders, counts) before any model loads, skips images whose record carries
+the same config hash, writes PNGs atomically and one record line per image, splits the work by
+``shard=i/k`` and draws a contact sheet per combination.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+import runfolder
+from anyms.benchmark import Combination, load_combinations, parse_seeds
+from anyms.pipeline import GenerationSettings, ModelLoadError, file_digest
+from runfolder.pictures import contact_sheet
+
+log = logging.getLogger(__name__)
+SHEET_NAME = "contact_sheet.png"
+SHEET_MAX_IMAGES = 8
+
+
+@dataclass
+class GenerationSummary:
+    run_dir: Path
+    method: str
+    planned: int
+    generated: list[str] = field(default_factory=list)
+    skipped: int = 0
+    seconds: float = 0.0
+
+
+def model_identity(model_cfg: DictConfig) -> dict:
+    """What of the model config determines the images: ids and settings, not where a cache lives."""
+    cfg = OmegaConf.to_container(model_cfg, resolve=False)
+    if cfg.get("tiny"):
+        cfg["tiny_root"] = "<tiny_root>"  # tiny models are fully determined by anyms.tiny and their seed
+    cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
+    cfg.pop("device", None)
+    cfg.pop("_target_", None)
+    return cfg
+
+
+def image_config_hash(cfg: DictConfig, combo: Combination, seed: int) -> str:
+    """Hash of everything that decides one image: model, method, generation settings, the combination's
+    definition, the adapter's reference image content, the seed. Not run_dir, hydra.* or shard."""
+    return runfolder.config_hash({
+        "model": model_identity(cfg.model),
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
+        "combination": combo.definition,
+        "references": [file_digest(s.image) for s in combo.layout],
+        "seed": int(seed),
+    })
+
+
+def generation_settings(cfg: DictConfig) -> GenerationSettings:
+    g = cfg.generation
+    return GenerationSettings(
+        steps=int(g.steps), guidance_scale=float(g.guidance_scale), negative_prompt=str(g.negative_prompt),
+        height=g.height, width=g.width, adapter_scale=float(cfg.method.adapter_scale),
+    )
+
+
+def load_model(model_cfg: DictConfig):
+    """``hydra.utils.instantiate`` of the model config, with our own load errors unwrapped from Hydra's."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(model_cfg, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ModelLoadError):
+            raise err.__cause__ from None
+        raise
+
+
+def run_generation(cfg: DictConfig) -> GenerationSummary:
+    # everything that can be wrong with the config fails here, before a model loads
+    combos = load_combinations(cfg.benchmark, cfg.data_root)
+    seeds = parse_seeds(cfg.benchmark.seeds)
+    shard = runfolder.parse_shard(cfg.shard)
+    settings = generation_settings(cfg)
+    method = str(cfg.method.name)
+    run_dir = Path(cfg.run_dir)
+
+    work = [(c, s) for c in combos for s in seeds]
+    work = work[shard[0] :: shard[1]]
+    summary = GenerationSummary(run_dir, method, planned=len(work))
+    done = {r["image"]: r["config_hash"] for r in runfolder.read_records(run_dir) if r["method"] == method}
+    todo = []
+    for combo, seed in work:
+        rel = runfolder.image_path(method, combo.id, seed)
+        h = image_config_hash(cfg, combo, seed)
+        if not cfg.overwrite and done.get(rel) == h and (run_dir / rel).exists():
+            summary.skipped += 1
+        else:
+            todo.append((combo, seed, rel, h))
+    if not todo:
+        log.info("nothing to generate: %d image(s) already in %s", summary.skipped, run_dir)
+        return summary
+
+    pipeline = load_model(cfg.model)
+    records = runfolder.records_file(run_dir, method, shard)
+    prov = runfolder.provenance()
+    model_ids = model_identity(cfg.model)
+    start = time.perf_counter()
+    touched: dict[str, Combination] = {}
+    bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
+    for n, (combo, seed, rel, h) in enumerate(bar):
+        bar.set_postfix_str(f"{combo.id} seed {seed}")
+        result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention))
+        runfolder.save_png(result.image, run_dir / rel)
+        finest = pipeline.cross_attention_grids(result.image.height, result.image.width)[0]
+        runfolder.append_record(records, {
+            "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
+            "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
+            "subjects": [
+                {"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box), "scale": s.scale,
+                 "references": [str(p) for p in refs]}
+                for s, refs in zip(combo.layout, combo.references)
+            ],
+            "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
+            "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
+            "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
+            "overlap_share": combo.layout.overlap_share(*finest), "created": time.time(),
+        })
+        summary.generated.append(rel)
+        touched[combo.id] = combo
+    summary.seconds = time.perf_counter() - start
+    if cfg.contact_sheets:
+        for combo in touched.values():
+            write_contact_sheet(run_dir, method, combo, seeds)
+    return summary
+
+
+def write_contact_sheet(run_dir: Path, method: str, combo: Combination, seeds) -> Path | None:
+    """Up to :data:`SHEET_MAX_IMAGES` seeds of a combination side by side, requested boxes drawn."""
+    present = [s for s in seeds if (run_dir / runfolder.image_path(method, combo.id, s)).exists()][:SHEET_MAX_IMAGES]
+    if not present:
+        return None
+    images = [Image.open(run_dir / runfolder.image_path(method, combo.id, s)) for s in present]
+    sheet = contact_sheet(
+        images, [f"seed {s}" for s in present], [s.box for s in combo.layout],
+        [s.phrase for s in combo.layout], [Image.open(s.image) for s in combo.layout],
+        title=f"{method} / {combo.id}: {combo.prompt}",
+    )
+    return runfolder.save_png(sheet, run_dir / runfolder.IMAGES / method / combo.id / SHEET_NAME)

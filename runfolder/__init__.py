@@ -1,0 +1,172 @@
+"""The run folder: the one contract between the generation wing (anyms/) and the evaluation wing (eval/).
+
+Both wings import this package and neither imports the other. The format itself is described once, in
+``run_record.schema.json`` beside this file::
+
+    <run_dir>/images/<method>/<combination>/<seed>.png
+    <run_dir>/records/<method>.<i>-of-<k>.jsonl      one JSON record per image (one file per shard)
+
+Here: reading and writing records (validated against the schema, errors naming the file, line and
+field), atomic writes, and the provenance every output carries (package versions, git hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+SCHEMA_PATH = Path(__file__).with_name("run_record.schema.json")
+IMAGES = "images"
+RECORDS = "records"
+PACKAGES = ("anyms-bench", "torch", "torchvision", "diffusers", "transformers", "accelerate", "numpy", "pillow",
+            "open_clip_torch", "timm", "segment-anything", "dreamsim", "pycocotools", "pandas", "hydra-core")
+
+
+class RunFolderError(ValueError):
+    """A run folder that does not follow the contract; the message names the file and the field."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+@lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def validate_record(record: dict, where: str = "record") -> dict:
+    """Raises :class:`RunFolderError` naming ``where`` and the first offending field."""
+    errors = sorted(_validator().iter_errors(record), key=lambda e: list(e.path))
+    if errors:
+        err = errors[0]
+        field = ".".join(str(p) for p in err.path) or "(top level)"
+        raise RunFolderError(f"{where}: field {field}: {err.message}")
+    return record
+
+
+def image_path(method: str, combination: str, seed: int) -> str:
+    """The image's path relative to the run folder."""
+    return f"{IMAGES}/{method}/{combination}/{int(seed)}.png"
+
+
+def records_file(run_dir: str | os.PathLike, method: str, shard: tuple[int, int]) -> Path:
+    i, k = shard
+    return Path(run_dir) / RECORDS / f"{method}.{i}-of-{k}.jsonl"
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"i/k"``: this process does the i-th of k interleaved parts of the work (0 <= i < k)."""
+    try:
+        i, k = (int(x) for x in str(spec).split("/"))
+    except ValueError:
+        raise RunFolderError(f"shard must look like i/k (e.g. 0/4), got {spec!r}") from None
+    if not (k >= 1 and 0 <= i < k):
+        raise RunFolderError(f"shard {spec!r}: need 0 <= i < k")
+    return i, k
+
+
+def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict]:
+    """Every record of the run folder, the newest per image, in a stable order (method, combination, seed)."""
+    folder = Path(run_dir) / RECORDS
+    newest: dict[str, dict] = {}
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise RunFolderError(f"{where}: not a JSON object ({err.msg})") from None
+            if validate:
+                validate_record(record, where)
+            key = record.get("image")
+            if key not in newest or record.get("created", 0) >= newest[key].get("created", 0):
+                newest[key] = record
+    return sorted(newest.values(), key=lambda r: (r["method"], r["combination"], r["seed"]))
+
+
+def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Appends one validated line; one write call, flushed to disk, so a crash leaves whole lines."""
+    validate_record(record, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, sort_keys=True) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Calls ``write(tmp_path)`` then renames onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def save_png(image, path: str | os.PathLike) -> Path:
+    """A PNG with no metadata (no paths, no timestamps): the same pixels give the same bytes."""
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=None))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def config_hash(obj: Any) -> str:
+    """sha256 of the canonical JSON of ``obj`` (sorted keys), first 16 hex digits."""
+    canonical = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=1)
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@lru_cache(maxsize=1)
+def git_hash() -> str:
+    """The checkout's commit, with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def provenance() -> dict:
+    return {"versions": package_versions(), "git_hash": git_hash(), "created": time.time()}
+
