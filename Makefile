@@ -8,11 +8,11 @@ PYTEST_ARGS ?=
 
 # Hydra overrides from make variables: `make generate benchmark=anyms11 model=tiny method=wo_local`.
 # ARGS passes anything else through: `make generate ARGS="-m method=anyms,wo_local"`.
-HYDRA_KEYS := model method benchmark generation eval run_dir data_root shard overwrite
+HYDRA_KEYS := model method benchmark generation run_dir data_root shard overwrite
 OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
 ARGS ?=
 
-.PHONY: setup test test-fast generate data clean-venv
+.PHONY: setup test test-fast lint generate evaluate report smoke data clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,22 @@ test-fast: setup
 # images of a benchmark into a run folder (default: the smoke benchmark on the tiny models)
 generate: setup
 	$(PY) scripts/generate.py $(OVERRIDES) $(ARGS)
+
+# a run folder's metrics (default run: the smoke benchmark on the tiny models, scored by tiny evaluators)
+RUN_DIR ?= runs/smoke-tiny
+EVAL ?= tiny
+evaluate: setup
+	$(PY) scripts/evaluate.py run_dir=$(if $(value run_dir),$(value run_dir),$(RUN_DIR)) eval=$(if $(value eval),$(value eval),$(EVAL)) $(ARGS)
+
+# Table 1, Table 2, Fig. 4 of a run folder into <run_dir>/report/
+report: setup
+	$(PY) scripts/report.py run_dir=$(if $(value run_dir),$(value run_dir),$(RUN_DIR)) $(ARGS)
+
+# generate -> evaluate -> report on the smoke benchmark with the tiny models (about a minute)
+smoke: generate evaluate report
+
+lint: setup
+	$(VENV)/bin/ruff check anyms eval runfolder scripts tests benchmarks
 
 # DreamBench subject images into $$ANYMS_DATA_ROOT or data/
 data: setup

@@ -8,7 +8,6 @@ the same config hash, writes PNGs atomically and one record line per image, spli
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,8 @@ from tqdm.auto import tqdm
 
 import runfolder
 from anyms.benchmark import Combination, load_combinations, parse_seeds
-from anyms.pipeline import GenerationSettings, ModelLoadError, file_digest
+from anyms.pipeline import GenerationSettings, ModelLoadError
+from runfolder import file_digest
 from runfolder.pictures import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,7 @@ class GenerationSummary:
 
 def model_identity(model_cfg: DictConfig) -> dict:
     """What of the model config determines the images: ids and settings, not where a cache lives."""
-    cfg = OmegaConf.to_container(model_cfg, resolve=False)
-    if cfg.get("tiny"):
-        cfg["tiny_root"] = "<tiny_root>"  # tiny models are fully determined by anyms.tiny and their seed
-    cfg = OmegaConf.to_container(OmegaConf.create(cfg), resolve=True)
-    cfg.pop("device", None)
-    cfg.pop("_target_", None)
-    return cfg
+    return runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads"))
 
 
 def image_config_hash(cfg: DictConfig, combo: Combination, seed: int) -> str:
@@ -118,7 +112,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         bar.set_postfix_str(f"{combo.id} seed {seed}")
         result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention))
         runfolder.save_png(result.image, run_dir / rel)
-        finest = pipeline.cross_attention_grids(result.image.height, result.image.width)[0]
+        grids = pipeline.cross_attention_grids(result.image.height, result.image.width)
         runfolder.append_record(records, {
             "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
             "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
@@ -130,7 +124,8 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
             "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
             "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
             "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
-            "overlap_share": combo.layout.overlap_share(*finest), "created": time.time(),
+            "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},
+            "created": time.time(),
         })
         summary.generated.append(rel)
         touched[combo.id] = combo

@@ -13,11 +13,9 @@ reaches them. Methods:
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -25,6 +23,7 @@ from PIL import Image
 
 from anyms.attention import MODES, AnyMSState, install, uninstall
 from anyms.layout import Layout, grid_levels
+from runfolder import file_digest
 
 STOCK_JOINT = "ip_adapter_joint"
 ATTENTION_KINDS = tuple(m for m in MODES if m not in ("joint",)) + (STOCK_JOINT,)
@@ -66,10 +65,6 @@ def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class AnyMSPipeline:

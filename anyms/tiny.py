@@ -9,46 +9,14 @@ that loading goes through exactly the code that loads the real weights. Nothing 
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
 from pathlib import Path
 
 import torch
 
+from runfolder.clip_vocab import write_clip_tokenizer_files
+
 TOKENIZER_MAX_LENGTH = 77
 IMAGE_ENCODER_SIZE = 32  # pixels the tiny CLIP vision encoder sees
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # CLIP's reversible byte -> printable unicode map (the GPT-2 BPE convention)
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer_files(folder: str | Path) -> Path:
-    """Writes CLIP's real 49,408-token BPE tokenizer (vocab.json, merges.txt) rebuilt from the vocabulary
-    file open_clip ships, so ``CLIPTokenizer.from_pretrained(folder)`` works offline with CLIP's ids."""
-    spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip_torch is needed for CLIP's BPE vocabulary: pip install open_clip_torch")
-    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    byte_chars = list(_bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
 
 
 def clip_tokenizer(folder: str | Path):
@@ -230,18 +198,13 @@ def write_tiny_hub(root: str | Path, seed: int = 0) -> Path:
     ``models/image_encoder`` and the adapters of :data:`IP_ADAPTER_FILES`). Written to a temporary folder
     and renamed, so a crash never leaves a half-written hub; a complete one is left alone."""
     import shutil
-    import tempfile
 
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from safetensors.torch import save_file
 
-    root = Path(root)
-    done = root / ".complete"
-    if done.exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
-    try:
+    from runfolder import write_folder_once
+
+    def write(tmp: Path) -> None:
         tok_dir = tmp / "_tokenizer"
         pipes = {
             "sd15": StableDiffusionPipeline(**tiny_sd15_components(tok_dir, seed)),
@@ -258,11 +221,5 @@ def write_tiny_hub(root: str | Path, seed: int = 0) -> Path:
             pipe.register_modules(image_encoder=None, feature_extractor=None)
             pipe.save_pretrained(tmp / kind)
         shutil.rmtree(tok_dir)
-        (tmp / ".complete").write_text("tiny random models written by anyms.tiny.write_tiny_hub\n")
-        if root.exists():  # an incomplete earlier attempt
-            shutil.rmtree(root)
-        tmp.rename(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return root
+
+    return write_folder_once(root, write, "tiny random models written by anyms.tiny.write_tiny_hub")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -134,9 +135,10 @@ class ClipScorer:
             source, tag_cfg = _resolve_open_clip_weights(
                 model_name, self.pretrained, cache_dir=cache_dir, local_files_only=local_files_only
             )
-            if tag_cfg:
-                keys = ("mean", "std", "interpolation", "resize_mode")
-                create_kwargs["force_preprocess_cfg"] = {k: tag_cfg[k] for k in keys if k in tag_cfg}
+            if tag_cfg:  # what open_clip itself takes from a tag: its preprocessing and activation
+                for key in ("mean", "std", "interpolation", "resize_mode"):
+                    if key in tag_cfg:
+                        create_kwargs[f"image_{key}"] = tag_cfg[key]
                 if force_quick_gelu is None:
                     force_quick_gelu = bool(tag_cfg.get("quick_gelu", False))
         try:
@@ -360,8 +362,8 @@ def _load_dino_timm(model_id: str, local_files_only: bool):
         raise ValueError("local_files_only applies to the transformers backend; for timm use 'local-dir:<folder>'")
     try:
         return timm.create_model(model_id, pretrained=True, num_classes=0)
-    except (OSError, RuntimeError) as err:
-        if "Unknown model" in str(err):
+    except Exception as err:  # hub client errors vary with huggingface_hub versions
+        if isinstance(err, RuntimeError) and "Unknown model" in str(err):
             raise
         raise _dino_missing(model_id, "timm") from None
 
@@ -479,8 +481,15 @@ class DreamSimScorer:
             ) from None
         from dreamsim import dreamsim
 
-        # (redirect_stdout: the package prints "Using cached ..." on every load)
-        with open(os.devnull, "w") as devnull, dino_hub_redirect(self.cache_dir), contextlib.redirect_stdout(devnull):
+        # the package prints "Using cached ..." on every load, and peft warns about the adapter the package
+        # itself wraps twice (get_peft_model, then PeftModel.from_pretrained): both are noise here
+        with (
+            open(os.devnull, "w") as devnull,
+            dino_hub_redirect(self.cache_dir),
+            contextlib.redirect_stdout(devnull),
+            warnings.catch_warnings(),
+        ):
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
             model, preprocess = dreamsim(
                 pretrained=True,
                 device=str(self.device),

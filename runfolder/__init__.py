@@ -31,6 +31,22 @@ PACKAGES = ("anyms-bench", "torch", "torchvision", "diffusers", "transformers", 
             "open_clip_torch", "timm", "segment-anything", "dreamsim", "pycocotools", "pandas", "hydra-core")
 
 
+def register_resolvers() -> None:
+    """``${device:}`` in configs: ``cuda`` when torch sees a GPU, else ``cpu``."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("device"):
+        def device() -> str:
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+
+        OmegaConf.register_new_resolver("device", device)
+
+
+register_resolvers()
+
+
 class RunFolderError(ValueError):
     """A run folder that does not follow the contract; the message names the file and the field."""
 
@@ -133,6 +149,48 @@ def save_png(image, path: str | os.PathLike) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_folder_once(root: str | os.PathLike, write, note: str) -> Path:
+    """Writes a folder with ``write(tmp_folder)`` into a temporary sibling, then renames it onto ``root``
+    with a ``.complete`` marker: a crash never leaves half of it, and a complete one is left alone."""
+    import shutil
+
+    root = Path(root)
+    if (root / ".complete").exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        write(tmp)
+        (tmp / ".complete").write_text(note + "\n")
+        if root.exists():  # an incomplete earlier attempt
+            shutil.rmtree(root)
+        tmp.rename(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def config_identity(cfg, drop: tuple[str, ...] = ()) -> dict:
+    """A config as plain data, for hashing what decides a result: ``drop`` keys (devices, caches) removed,
+    and a tiny config's ``tiny_root`` replaced by a placeholder before resolving, since tiny models are fully
+    determined by the code that writes them, wherever they live."""
+    from omegaconf import OmegaConf
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    if raw.get("tiny"):
+        raw["tiny_root"] = "<tiny_root>"
+    plain = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    for key in drop:
+        plain.pop(key, None)
+    return plain
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def config_hash(obj: Any) -> str:

@@ -22,9 +22,25 @@ def data_root() -> Path | None:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-    from anyms.tiny import write_clip_tokenizer_files
+    from runfolder.clip_vocab import write_clip_tokenizer_files
 
     return write_clip_tokenizer_files(tmp_path_factory.mktemp("clip_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    """The tiny generation models in the real hub layout (anyms.tiny.write_tiny_hub), once per session."""
+    from anyms.tiny import write_tiny_hub
+
+    return write_tiny_hub(tmp_path_factory.mktemp("cache") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_root(tmp_path_factory):
+    """The tiny evaluators in their real layouts (eval.tiny_evaluators), once per session."""
+    from eval.tiny_evaluators import write_tiny_evaluators
+
+    return write_tiny_evaluators(tmp_path_factory.mktemp("cache") / "tiny_eval")
 
 
 @pytest.fixture

@@ -1,9 +1,7 @@
 """The generation stage end to end on the tiny models: configs, methods, provenance, resuming, errors."""
 
-import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,13 +22,6 @@ GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model"
 METHODS = GROUPS["method"]
 DATA = data_root()
 needs_data = pytest.mark.skipif(DATA is None, reason="needs the DreamBench images (ANYMS_DATA_ROOT or ../shared)")
-
-
-@pytest.fixture(scope="session")
-def tiny_root(tmp_path_factory):
-    from anyms.tiny import write_tiny_hub
-
-    return write_tiny_hub(tmp_path_factory.mktemp("cache") / "tiny")
 
 
 def make_cfg(run_dir, *overrides, tiny_root=None, data=DATA):
@@ -78,6 +69,8 @@ def test_every_method_generates_with_provenance(model, tmp_path, tiny_root):
         assert r["n_subjects"] == 2 and r["subjects"][1]["role"] == "attribute"
         assert r["versions"]["diffusers"] and r["git_hash"] and r["seconds"] > 0 and r["peak_memory_bytes"] > 0
         assert (tmp_path / "images" / r["method"] / "c02" / "contact_sheet.png").exists()
+        # the finest and coarsest cross-attention grids: SDXL has none at its first level, SD1.5 does
+        assert set(r["overlap_shares"]) == ({"4x4", "2x2"} if model == "tiny" else {"8x8", "4x4"})
     pixels = {r["method"]: np.asarray(Image.open(tmp_path / r["image"]), dtype=int) for r in records}
     # the literal crop-and-merge and the fused call are the same method: at most rounding apart
     assert np.abs(pixels["anyms"] - pixels["anyms_literal"]).max() <= 1

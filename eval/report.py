@@ -1,0 +1,351 @@
+"""The paper's tables and figure from a run folder's metrics: Table 1, Table 2, Fig. 4, the overlap table.
+
+Aggregation (DESIGN.md section 3): a subject-level metric is averaged over an image's subjects, then over
+the images of each combination, then over combinations (paper Table 1); each mean carries a bootstrap 95%
+interval that resamples images within each combination. AP@50 is pooled over all images of a method by
+pycocotools, its interval by the same resampling. Time is the mean seconds per image with each process's
+first image left out (warm-up); memory the mean peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from eval.layout_metrics import ap50
+
+# column in metrics.parquet -> (table header, how many decimals)
+IMAGE_METRICS = {
+    "iou": ("mIoU", 1), "clip_i": ("CLIP-I", 1), "dreamsim": ("DreamSim", 1), "dino": ("DINO", 1),
+    "clip_t": ("CLIP-T", 1), "m_dino": ("M-DINO", 1), "iou_hungarian": ("mIoU (Hungarian)", 1),
+}
+TABLE1 = ["ap50", "iou", "clip_i", "dreamsim", "dino", "clip_t"]
+TABLE2 = ["iou", "clip_i", "clip_t"]
+FIG4 = ["ap50", "iou", "clip_i", "dino", "dreamsim", "clip_t"]
+TINY_BANNER = ("**TINY RANDOM MODELS.** These numbers check the harness's plumbing; they say nothing about "
+               "the quality of any method.")
+
+
+@dataclass
+class Estimate:
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    def text(self, decimals: int = 1) -> str:
+        if not np.isfinite(self.mean):
+            return "-"
+        half = (self.hi - self.lo) / 2
+        return f"{self.mean:.{decimals}f} ± {half:.{decimals}f}"
+
+
+def per_image(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
+    """One value per image: the mean over the image's subjects (per-image metrics repeat on each row)."""
+    keys = ["method", "combination", "seed", "image", "n_subjects"]
+    return metrics.groupby(keys, as_index=False)[column].mean()
+
+
+def combination_mean_bootstrap(values: pd.DataFrame, column: str, samples: int, seed: int) -> Estimate:
+    """Mean over combinations of the per-combination mean, with a percentile bootstrap 95% interval that
+    resamples images with replacement within each combination."""
+    groups = [g[column].to_numpy(dtype=float) for _, g in values.groupby("combination")]
+    groups = [g for g in groups if len(g)]
+    if not groups:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    mean = float(np.mean([g.mean() for g in groups]))
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(samples)
+    for g in groups:
+        boot += g[rng.integers(0, len(g), size=(samples, len(g)))].mean(axis=1)
+    boot /= len(groups)
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if samples else (mean, mean)
+    return Estimate(mean, float(lo), float(hi), int(sum(len(g) for g in groups)))
+
+
+def ap_images(metrics: pd.DataFrame, detections: pd.DataFrame, images: Sequence[str]) -> dict[str, dict]:
+    """Per image, the input of :func:`eval.layout_metrics.ap50`: requested boxes and all detections kept."""
+    req = metrics[metrics["image"].isin(images)]
+    dets = detections[detections["image"].isin(images)] if len(detections) else detections
+    by_image_dets = {k: g for k, g in dets.groupby("image")} if len(dets) else {}
+    out = {}
+    for image, g in req.groupby("image", sort=True):
+        d = by_image_dets.get(image)
+        out[image] = {
+            "requested": [((r.req_x0, r.req_y0, r.req_x1, r.req_y1), r.phrase) for r in g.itertuples()],
+            "detections": [] if d is None else [((r.x0, r.y0, r.x1, r.y1), r.score, r.phrase) for r in d.itertuples()],
+            "width": int(g["width"].iloc[0]), "height": int(g["height"].iloc[0]),
+        }
+    return out
+
+
+def ap50_bootstrap(metrics: pd.DataFrame, detections: pd.DataFrame, samples: int, seed: int) -> Estimate:
+    """AP@50 pooled over the images (pycocotools), resampling images within combinations for the interval."""
+    images = metrics.drop_duplicates("image")[["image", "combination"]]
+    if images.empty:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    by_image = ap_images(metrics, detections, images["image"].tolist())
+    mean = ap50(list(by_image.values()))
+    rng = np.random.default_rng(seed)
+    boot = []
+    groups = [g["image"].tolist() for _, g in images.groupby("combination")]
+    for _ in range(samples):
+        drawn = [by_image[g[i]] for g in groups for i in rng.integers(0, len(g), size=len(g))]
+        boot.append(ap50(drawn))
+    lo, hi = np.percentile(boot, [2.5, 97.5]) if boot else (mean, mean)
+    return Estimate(float(mean), float(lo), float(hi), len(images))
+
+
+def time_memory(records: pd.DataFrame) -> dict[str, dict]:
+    """Per method: mean seconds per image without each process's first image, mean peak memory (GiB)."""
+    out = {}
+    for method, g in records.groupby("method"):
+        first = g["first_in_process"] if "first_in_process" in g else pd.Series(False, index=g.index)
+        warm = g[~first.fillna(False).astype(bool)]
+        warm = warm if len(warm) else g  # a single image: nothing else to average
+        seconds = pd.to_numeric(warm["seconds"], errors="coerce").dropna()
+        memory = pd.to_numeric(g["peak_memory_bytes"], errors="coerce").dropna()
+        out[method] = {
+            "time_s": float(seconds.mean()) if len(seconds) else float("nan"),
+            "memory_gib": float(memory.mean() / 2**30) if len(memory) else float("nan"),
+            "device": ",".join(sorted(g["device"].astype(str).unique())),
+        }
+    return out
+
+
+def method_table(metrics: pd.DataFrame, detections: pd.DataFrame, records: pd.DataFrame, columns: Sequence[str],
+                 samples: int, ap_samples: int, seed: int, with_cost: bool) -> pd.DataFrame:
+    """One row per method: ``<metric>``, ``<metric>_lo``, ``<metric>_hi`` for each column, and ``n_images``."""
+    rows = []
+    cost = time_memory(records) if with_cost else {}
+    for method, m in metrics.groupby("method", sort=True):
+        row = {"method": method, "n_images": int(m["image"].nunique())}
+        for col in columns:
+            if col == "ap50":
+                est = ap50_bootstrap(m, detections[detections["method"] == method] if len(detections) else detections,
+                                     ap_samples, seed)
+            elif col in m:
+                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed)
+            else:
+                continue
+            row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
+        if with_cost and method in cost:
+            row.update(cost[method])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def by_subject_count(metrics: pd.DataFrame, detections: pd.DataFrame, columns: Sequence[str], samples: int,
+                     ap_samples: int, seed: int) -> pd.DataFrame:
+    """Fig. 4's data: each metric per (method, number of subjects)."""
+    rows = []
+    for (method, n), m in metrics.groupby(["method", "n_subjects"], sort=True):
+        row = {"method": method, "n_subjects": int(n)}
+        for col in columns:
+            if col == "ap50":
+                d = detections[detections["method"] == method] if len(detections) else detections
+                est = ap50_bootstrap(m, d, ap_samples, seed)
+            elif col in m:
+                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed)
+            else:
+                continue
+            row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+HEADERS = {"ap50": ("AP50", 1), **IMAGE_METRICS, "time_s": ("Time (s/img)", 2), "memory_gib": ("Memory (GiB)", 2)}
+
+
+def display_table(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Mean ± half-interval strings, headers as in the paper."""
+    out = pd.DataFrame({"Method": table["method"]})
+    for col in columns:
+        if col not in table:
+            continue
+        header, decimals = HEADERS[col]
+        if f"{col}_lo" in table:
+            out[header] = [Estimate(r[col], r[f"{col}_lo"], r[f"{col}_hi"], 0).text(decimals) for _, r in table.iterrows()]
+        else:
+            out[header] = [f"{v:.{decimals}f}" if np.isfinite(v) else "-" for v in table[col]]
+    out["Images"] = table["n_images"] if "n_images" in table else None
+    return out
+
+
+def markdown(df: pd.DataFrame) -> str:
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def latex(df: pd.DataFrame, caption: str) -> str:
+    def esc(v) -> str:
+        return str(v).replace("±", "$\\pm$").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+
+    cols = "l" + "r" * (len(df.columns) - 1)
+    body = [" & ".join(esc(c) for c in df.columns) + " \\\\", "\\midrule"]
+    body += [" & ".join(esc(v) for v in row) + " \\\\" for row in df.itertuples(index=False)]
+    return ("\\begin{table}[t]\n\\centering\n\\small\n"
+            f"\\caption{{{esc(caption)}}}\n\\begin{{tabular}}{{{cols}}}\n\\toprule\n"
+            + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+
+
+def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [c for c in columns if c in data]
+    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.2 * max(len(present), 1), 3.0), squeeze=False)
+    for ax, col in zip(axes[0], present):
+        for method, g in data.groupby("method", sort=True):
+            g = g.sort_values("n_subjects")
+            err = np.vstack([g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]]).clip(min=0)
+            ax.errorbar(g["n_subjects"], g[col], yerr=err, marker="o", capsize=3, label=method)
+        ax.set_title(HEADERS[col][0])
+        ax.set_xlabel("subjects")
+        ax.set_xticks(sorted(data["n_subjects"].unique()))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- the report stage ---------------------------------------------------------------------------------
+
+def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    import json
+    from pathlib import Path
+
+    import runfolder
+    from eval.evaluate import DETECTIONS_FILE, EVAL_CONFIG_FILE, METRICS_FILE, EvaluationError, read_table
+
+    run_dir = Path(run_dir)
+    metrics = read_table(run_dir / METRICS_FILE)
+    if metrics.empty:
+        raise EvaluationError(f"{run_dir / METRICS_FILE}: missing or empty; run evaluate on {run_dir} first")
+    detections = read_table(run_dir / DETECTIONS_FILE)
+    records = pd.DataFrame(runfolder.read_records(run_dir))
+    config_path = run_dir / EVAL_CONFIG_FILE
+    eval_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return metrics, detections, records, eval_config
+
+
+def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_fields(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key} ({va!r} vs {vb!r})")
+    return out
+
+
+def models_header(records: pd.DataFrame, eval_configs: Sequence[dict]) -> tuple[str, bool]:
+    """A line naming the models behind the numbers, and whether any of them is a tiny random model."""
+    gen = sorted({f"{m.get('name')} ({m.get('pretrained')}; IP-Adapter {m.get('ip_adapter', {}).get('weight_name')})"
+                  if isinstance(m, dict) and m.get("pretrained") else str((m or {}).get("name"))
+                  for m in records.get("model", pd.Series(dtype=object))})
+    tiny = any(isinstance(m, dict) and m.get("tiny") for m in records.get("model", []))
+    ev = []
+    for cfg in eval_configs:
+        e = cfg.get("eval", {})
+        tiny = tiny or bool(e.get("tiny"))
+        ev.append(f"{e.get('name')}: detector {e.get('detector', {}).get('model_id_or_path')}, "
+                  f"SAM {e.get('segmenter', {}).get('model_type')}, CLIP {e.get('scorers', {}).get('clip', {}).get('model_name')}, "
+                  f"DINO {e.get('scorers', {}).get('dino', {}).get('model')}, "
+                  f"DreamSim {e.get('scorers', {}).get('dreamsim', {}).get('dreamsim_type')}; "
+                  f"box/text thresholds {e.get('box_threshold')}/{e.get('text_threshold')}")
+    return f"Generation models: {'; '.join(gen)}. Evaluation: {' | '.join(sorted(set(ev)))}.", tiny
+
+
+def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None) -> dict:
+    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv} and report.json into ``out_dir``."""
+    from pathlib import Path
+
+    import runfolder
+    from eval.evaluate import EvaluationError
+
+    runs = [_read_run(d) for d in run_dirs]
+    hashes = {cfg.get("eval_hash") for *_, cfg in runs}
+    if len(hashes) > 1:  # numbers side by side must come from the same evaluation
+        first = runs[0][3].get("eval", {})
+        for (_, _, _, cfg), d in zip(runs[1:], run_dirs[1:]):
+            diff = _differing_fields(first, cfg.get("eval", {}))
+            if diff:
+                raise EvaluationError(
+                    f"{d} was evaluated with another config than {run_dirs[0]}: eval.{', eval.'.join(diff)}; "
+                    "re-evaluate one of them with the other's eval config"
+                )
+    metrics = pd.concat([r[0] for r in runs], ignore_index=True)
+    detections = pd.concat([r[1] for r in runs], ignore_index=True)
+    records = pd.concat([r[2] for r in runs], ignore_index=True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    header, tiny = models_header(records, [r[3] for r in runs])
+    samples, ap_samples, seed = int(bootstrap["samples"]), int(bootstrap["ap_samples"]), int(bootstrap["seed"])
+    devices = ",".join(sorted(records["device"].astype(str).unique()))
+    dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
+    versions = records["versions"].iloc[0] if len(records) else {}
+    stamp = (f"{header} Device {devices}, dtype {dtypes}; torch {versions.get('torch')}, diffusers "
+             f"{versions.get('diffusers')}; git {runfolder.git_hash()}. Means over combinations of per-combination "
+             f"means, ± half the bootstrap 95% interval over images ({samples} resamples; AP50: {ap_samples}).")
+    written = {}
+
+    def write_table(name: str, table: pd.DataFrame, columns: Sequence[str], caption: str, note: str = "") -> None:
+        shown = display_table(table, columns) if len(table) else pd.DataFrame()
+        banner = (TINY_BANNER + "\n\n") if tiny else ""
+        md = f"# {caption}\n\n{banner}{stamp}\n\n{note}{markdown(shown) if len(shown) else '(no rows)'}\n"
+        runfolder.atomic_write(out / f"{name}.md", lambda p: p.write_text(md))
+        runfolder.atomic_write(out / f"{name}.csv", lambda p: table.to_csv(p, index=False))
+        tex_caption = caption + (" TINY RANDOM MODELS: not a quality result." if tiny else "")
+        runfolder.atomic_write(out / f"{name}.tex", lambda p: p.write_text(
+            f"% {stamp}\n" + (latex(shown, tex_caption) if len(shown) else f"% {note or 'no rows'}\n")))
+        written[name] = md
+
+    table1 = method_table(metrics, detections, records, TABLE1, samples, ap_samples, seed, with_cost=True)
+    write_table("table1", table1, TABLE1 + ["time_s", "memory_gib"], "Table 1: layout, identity and text metrics per method")
+    ablation = metrics[metrics["n_subjects"] >= 3]
+    table2 = method_table(ablation, detections, records, TABLE2, samples, ap_samples, seed, with_cost=False) if len(ablation) else pd.DataFrame()
+    note = "" if len(ablation) else "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n"
+    write_table("table2", table2, TABLE2, "Table 2: ablation over the combinations with 3 or more subjects", note)
+
+    fig4 = by_subject_count(metrics, detections, FIG4, samples, ap_samples, seed)
+    runfolder.atomic_write(out / "fig4.csv", lambda p: fig4.to_csv(p, index=False))
+    title = ("TINY RANDOM MODELS - " if tiny else "") + "metrics against the number of subjects"
+    runfolder.atomic_write(out / "fig4.png", lambda p: plot_fig4(fig4, FIG4, p, title))
+
+    overlap = overlap_table(records)
+    runfolder.atomic_write(out / "overlap.csv", lambda p: overlap.to_csv(p, index=False))
+    runfolder.atomic_write(out / "overlap.md", lambda p: p.write_text(
+        "# Overlap share per combination\n\nFraction of boxed tokens covered by two or more boxes, at the model's "
+        "finest and coarsest cross-attention grids: where it is 0 the full method and the w/o-crop-and-merge "
+        f"ablation compute the same image.\n\n{markdown(overlap)}\n"))
+    summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
+               **runfolder.provenance(), "files": sorted(p.name for p in out.iterdir())}
+    runfolder.write_json(out / "report.json", summary)
+    if wandb_cfg and wandb_cfg.get("enabled"):
+        from eval.wandb_log import log_report
+
+        log_report(out, table1, table2, fig4, metrics, records, run_dirs, wandb_cfg, tiny)
+    return summary
+
+
+def overlap_table(records: pd.DataFrame) -> pd.DataFrame:
+    if "overlap_shares" not in records:
+        return pd.DataFrame(columns=["combination", "n_subjects"])
+    rows = []
+    for combo, g in records.groupby("combination", sort=True):
+        shares = next((s for s in g["overlap_shares"] if isinstance(s, dict)), {})
+        row = {"combination": combo, "n_subjects": int(g["n_subjects"].iloc[0])}
+        row.update({f"overlap {grid}": round(v, 3) for grid, v in shares.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)

@@ -1,0 +1,25 @@
+"""Import another method's images as a run folder. Hydra app: see conf/import.yaml.
+
+    python scripts/import_images.py source=/data/mudi_outputs method=mudi benchmark=anyms11
+    python scripts/evaluate.py run_dir=runs/anyms11-mudi
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from anyms.benchmark import BenchmarkConfigError
+from anyms.importer import import_images
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="import")
+def main(cfg: DictConfig) -> None:
+    try:
+        summary = import_images(cfg.source, cfg.method, cfg.benchmark, cfg.data_root, cfg.run_dir, cfg.pattern, cfg.strict)
+    except BenchmarkConfigError as err:
+        raise SystemExit(f"import: {err}") from None
+    print(f"import {summary.method}: {len(summary.imported)} image(s) into {summary.run_dir}"
+          + (f"; {len(summary.missing)} missing, e.g. {summary.missing[:3]}" if summary.missing else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The paper's tables and figure from evaluated run folders. Hydra app: see conf/report.yaml.
+
+    python scripts/report.py run_dir=runs/smoke-tiny
+    python scripts/report.py run_dir=runs/anyms11-sdxl 'run_dirs=[runs/anyms11-sdxl,runs/mudi-import]'
+"""
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+import runfolder
+from eval.evaluate import EvaluationError
+from eval.report import run_report
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    run_dirs = list(cfg.run_dirs) if cfg.run_dirs else [cfg.run_dir]
+    try:
+        summary = run_report(run_dirs, cfg.out_dir, OmegaConf.to_container(cfg.bootstrap),
+                             OmegaConf.to_container(cfg.wandb))
+    except (EvaluationError, runfolder.RunFolderError) as err:
+        raise SystemExit(f"report: {err}") from None
+    print(f"report: {', '.join(summary['files'])}\n  in {cfg.out_dir}"
+          + ("\n  TINY RANDOM MODELS: these numbers check plumbing, not quality" if summary["tiny"] else ""))
+
+
+if __name__ == "__main__":
+    main()
