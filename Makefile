@@ -32,9 +32,10 @@ test-fast: setup
 generate: setup
 	$(PY) scripts/generate.py $(OVERRIDES) $(ARGS)
 
-# a run folder's metrics (default run: the smoke benchmark on the tiny models, scored by tiny evaluators)
-RUN_DIR ?= runs/smoke-tiny
-EVAL ?= tiny
+# a run folder's metrics. Without run_dir=: the smoke run, scored by the tiny evaluators; with run_dir=:
+# the real evaluators (eval=default) unless eval=... says otherwise
+RUN_DIR ?= runs/$(or $(value benchmark),smoke)-$(or $(value model),tiny)
+EVAL ?= $(if $(value run_dir),default,tiny)
 evaluate: setup
 	$(PY) scripts/evaluate.py run_dir=$(if $(value run_dir),$(value run_dir),$(RUN_DIR)) eval=$(if $(value eval),$(value eval),$(EVAL)) $(ARGS)
 
