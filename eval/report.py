@@ -201,8 +201,12 @@ def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> N
     import matplotlib.pyplot as plt
 
     present = [c for c in columns if c in data]
-    fig, axes = plt.subplots(1, max(len(present), 1), figsize=(3.2 * max(len(present), 1), 3.0), squeeze=False)
-    for ax, col in zip(axes[0], present):
+    ncols = min(3, max(len(present), 1))
+    nrows = -(-max(len(present), 1) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 3.0 * nrows), squeeze=False)
+    for ax in axes.flat[len(present):]:
+        ax.set_visible(False)
+    for ax, col in zip(axes.flat, present):
         for method, g in data.groupby("method", sort=True):
             g = g.sort_values("n_subjects")
             err = np.vstack([g[col] - g[f"{col}_lo"], g[f"{col}_hi"] - g[col]]).clip(min=0)
@@ -211,7 +215,7 @@ def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> N
         ax.set_xlabel("subjects")
         ax.set_xticks(sorted(data["n_subjects"].unique()))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes.flat[0].legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -330,7 +334,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         "finest and coarsest cross-attention grids: where it is 0 the full method and the w/o-crop-and-merge "
         f"ablation compute the same image.\n\n{markdown(overlap)}\n"))
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
-               **runfolder.provenance(), "files": sorted(p.name for p in out.iterdir())}
+               **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
     runfolder.write_json(out / "report.json", summary)
     if wandb_cfg and wandb_cfg.get("enabled"):
         from eval.wandb_log import log_report
