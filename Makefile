@@ -12,7 +12,7 @@ HYDRA_KEYS := model method benchmark generation run_dir data_root shard overwrit
 OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
 ARGS ?=
 
-.PHONY: setup test test-fast lint generate evaluate report smoke data clean-venv
+.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables data clean-venv
 
 setup: $(STAMP)
 
@@ -45,6 +45,29 @@ report: setup
 
 # generate -> evaluate -> report on the smoke benchmark with the tiny models (about a minute)
 smoke: generate evaluate report
+
+# The whole protocol: every method on the 11 combinations -> metrics -> Table 1, Table 2, Fig. 4.
+#   PROFILE=tiny  (default) tiny random models, seeds 0-1: a plumbing check of everything, minutes here
+#   PROFILE=paper SDXL + IP-Adapter Plus at 1024 px, seeds 0-99, the real evaluators: needs a GPU and the weights
+PROFILE ?= tiny
+PROFILE_MODEL_tiny := tiny
+PROFILE_SEEDS_tiny := 0-1
+PROFILE_EVAL_tiny := tiny
+PROFILE_MODEL_paper := sdxl
+PROFILE_SEEDS_paper := 0-99
+PROFILE_EVAL_paper := default
+B_MODEL = $(PROFILE_MODEL_$(PROFILE))
+B_RUN ?= runs/anyms11-$(B_MODEL)
+benchmark: setup
+	@[ -n "$(B_MODEL)" ] || { echo "make benchmark: PROFILE must be tiny or paper, got '$(PROFILE)'"; exit 2; }
+	$(PY) scripts/generate.py -m +experiment=table1 model=$(B_MODEL) benchmark.seeds=$(PROFILE_SEEDS_$(PROFILE)) run_dir=$(B_RUN) $(ARGS)
+	$(PY) scripts/evaluate.py run_dir=$(B_RUN) eval=$(PROFILE_EVAL_$(PROFILE))
+	$(PY) scripts/report.py run_dir=$(B_RUN)
+
+# the tables again from a run folder's existing metrics (no generation, no evaluation)
+paper-tables: setup
+	@[ -n "$(B_MODEL)" ] || { echo "make paper-tables: PROFILE must be tiny or paper, got '$(PROFILE)'"; exit 2; }
+	$(PY) scripts/report.py run_dir=$(B_RUN)
 
 lint: setup
 	$(VENV)/bin/ruff check anyms eval runfolder scripts tests benchmarks

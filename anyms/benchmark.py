@@ -67,17 +67,44 @@ def load_combinations(benchmark: Mapping, data_root: str | os.PathLike | None) -
     name = benchmark.get("name", "?")
     root = resolve_data_root(data_root)
     combos = benchmark.get("combinations") or {}
+    generated = benchmark.get("generator") is not None
+    if generated:  # combinations made by code (e.g. anyms.msbench.combinations), validated as literal ones
+        combos = _generated_combinations(name, benchmark, root)
     if not combos:
         raise BenchmarkConfigError(f"benchmark {name}: no combinations")
     only = benchmark.get("only")
     if only is not None:
         unknown = [c for c in only if c not in combos]
         if unknown:
-            raise BenchmarkConfigError(f"benchmark {name}: only names unknown combination(s) {unknown}; known: {sorted(combos)}")
+            known = sorted(combos) if not generated else f"{len(combos)} ids such as {list(combos)[:3]}"
+            raise BenchmarkConfigError(f"benchmark {name}: only names unknown combination(s) {unknown}; known: {known}")
         selected = list(only)
     else:
-        selected = sorted(combos)
+        selected = list(combos) if generated else sorted(combos)  # a generator's order is its own
     return [_combination(name, cid, _plain(combos[cid]), root) for cid in selected]
+
+
+def _generated_combinations(name: str, benchmark: Mapping, root: Path) -> Mapping:
+    """The hook for benchmarks made by code: ``generator: {_target_: module.function, **kwargs}`` is called
+    as ``function(data_root=root, **kwargs)`` and returns the mapping a literal ``combinations:`` holds."""
+    import importlib
+
+    if benchmark.get("combinations"):
+        raise BenchmarkConfigError(f"benchmark {name}: give either combinations or generator, not both")
+    spec = _plain(benchmark["generator"])
+    target = spec.get("_target_") if isinstance(spec, Mapping) else None
+    if not isinstance(target, str) or "." not in target:
+        raise BenchmarkConfigError(f"benchmark {name}, generator._target_: give a function as module.name, got {target!r}")
+    module, _, attr = target.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise BenchmarkConfigError(f"benchmark {name}, generator._target_: cannot import {target}: {err}") from None
+    kwargs = {k: v for k, v in spec.items() if k != "_target_"}
+    combos = function(data_root=root, **kwargs)
+    if not isinstance(combos, Mapping):
+        raise BenchmarkConfigError(f"benchmark {name}: generator {target} returned {type(combos).__name__}, not a mapping")
+    return combos
 
 
 def _plain(obj):

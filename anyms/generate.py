@@ -88,6 +88,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     work = [(c, s) for c in combos for s in seeds]
     work = work[shard[0] :: shard[1]]
     summary = GenerationSummary(run_dir, method, planned=len(work))
+    runfolder.write_plan(run_dir, method, shard, [runfolder.image_path(method, c.id, s) for c, s in work])
     done = {r["image"]: r["config_hash"] for r in runfolder.read_records(run_dir) if r["method"] == method}
     todo = []
     for combo, seed in work:
@@ -130,10 +131,34 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         summary.generated.append(rel)
         touched[combo.id] = combo
     summary.seconds = time.perf_counter() - start
-    if cfg.contact_sheets:
-        for combo in touched.values():
-            write_contact_sheet(run_dir, method, combo, seeds)
+    sheets = [write_contact_sheet(run_dir, method, c, seeds) for c in touched.values()] if cfg.contact_sheets else []
+    log_to_wandb(cfg, run_dir, method, summary, [s for s in sheets if s is not None])
     return summary
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: GenerationSummary, sheets: list[Path]) -> None:
+    """The generation stage's W&B run: the resolved config, versions, this job's records, contact sheets."""
+    if not cfg.get("wandb") or not cfg.wandb.enabled:
+        return
+    import wandb
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run = runfolder.wandb_run(config["wandb"], run_dir, "generate", {**config, **runfolder.provenance()})
+    try:
+        done = set(summary.generated)
+        rows = [{k: r[k] for k in ("image", "combination", "method", "seed", "prompt", "n_subjects", "config_hash",
+                                   "device", "dtype", "seconds", "peak_memory_bytes")}
+                for r in runfolder.read_records(run_dir) if r["image"] in done]
+        if rows:
+            import pandas as pd
+
+            run.log({"records": wandb.Table(dataframe=pd.DataFrame(rows))})
+        n = int(cfg.wandb.get("sample_images", 8))
+        if sheets:
+            run.log({"contact_sheets": [wandb.Image(str(p), caption=f"{method} / {p.parent.name}") for p in sheets[:n]]})
+        run.summary.update({"generated": len(summary.generated), "skipped": summary.skipped, "seconds": summary.seconds})
+    finally:
+        run.finish()
 
 
 def write_contact_sheet(run_dir: Path, method: str, combo: Combination, seeds) -> Path | None:

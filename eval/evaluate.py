@@ -48,6 +48,7 @@ class EvaluationSummary:
     scored: list[str] = field(default_factory=list)
     skipped: int = 0
     seconds_per_image: float = 0.0
+    missing: list[str] = field(default_factory=list)  # planned by generation, not recorded yet
 
 
 def eval_identity(eval_cfg: DictConfig) -> dict:
@@ -213,6 +214,10 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     if "m_dino" in metrics and "dino" not in metrics:
         metrics.append("dino")
     records = runfolder.read_records(run_dir)  # validated against the schema: names file, line and field
+    missing = sorted(runfolder.planned_images(run_dir) - {r["image"] for r in records})
+    if missing:  # shards still running or failed: score what is there, say what is not
+        log.warning("%d planned image(s) have no record yet (unfinished generation shards?), e.g. %s; "
+                    "scoring the %d that are there", len(missing), missing[:3], len(records))
     if not records:
         raise EvaluationError(f"{run_dir}: no records in {run_dir / runfolder.RECORDS}; run generate (or import) first")
     eval_hash = runfolder.config_hash(eval_identity(cfg.eval))
@@ -224,7 +229,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     else:
         done = set()
     todo = [r for r in records if f"{r['image']}@{r['config_hash']}" not in done]
-    summary = EvaluationSummary(run_dir, planned=len(records), skipped=len(records) - len(todo))
+    summary = EvaluationSummary(run_dir, planned=len(records), skipped=len(records) - len(todo), missing=missing)
     if not todo:
         return summary
     images = {r["image"]: open_checked(run_dir / r["image"]) for r in todo}  # every image readable before models load
@@ -255,7 +260,10 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     # detections first: metrics.parquet is what marks an image as done
     runfolder.atomic_write(run_dir / DETECTIONS_FILE, lambda tmp: dets.to_parquet(tmp, index=False))
     runfolder.atomic_write(run_dir / METRICS_FILE, lambda tmp: table.reset_index(drop=True).to_parquet(tmp, index=False))
-    runfolder.write_json(run_dir / EVAL_CONFIG_FILE, {
-        "eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash, **runfolder.provenance(),
-    })
+    eval_config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash, **runfolder.provenance()}
+    runfolder.write_json(run_dir / EVAL_CONFIG_FILE, eval_config)
+    if cfg.get("wandb") and cfg.wandb.enabled:
+        from eval.wandb_log import log_evaluation
+
+        log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb))
     return summary

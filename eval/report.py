@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from eval.layout_metrics import ap50
+from eval.published import benchmark_of, published_markdown
 
 # column in metrics.parquet -> (table header, how many decimals)
 IMAGE_METRICS = {
@@ -23,6 +24,7 @@ IMAGE_METRICS = {
     "clip_t": ("CLIP-T", 1), "m_dino": ("M-DINO", 1), "iou_hungarian": ("mIoU (Hungarian)", 1),
 }
 TABLE1 = ["ap50", "iou", "clip_i", "dreamsim", "dino", "clip_t"]
+TABLE1_BY_BENCHMARK = {"msbench": TABLE1 + ["m_dino"]}  # MS-Diffusion's protocol adds M-DINO
 TABLE2 = ["iou", "clip_i", "clip_t"]
 FIG4 = ["ap50", "iou", "clip_i", "dino", "dreamsim", "clip_t"]
 TINY_BANNER = ("**TINY RANDOM MODELS.** These numbers check the harness's plumbing; they say nothing about "
@@ -315,8 +317,15 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
             f"% {stamp}\n" + (latex(shown, tex_caption) if len(shown) else f"% {note or 'no rows'}\n")))
         written[name] = md
 
-    table1 = method_table(metrics, detections, records, TABLE1, samples, ap_samples, seed, with_cost=True)
-    write_table("table1", table1, TABLE1 + ["time_s", "memory_gib"], "Table 1: layout, identity and text metrics per method")
+    benchmark = benchmark_of(metrics["combination"])  # from the combination ids: per-benchmark columns, published rows
+    table1_columns = TABLE1_BY_BENCHMARK.get(benchmark, TABLE1)
+    table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True)
+    write_table("table1", table1, table1_columns + ["time_s", "memory_gib"], "Table 1: layout, identity and text metrics per method")
+    # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
+    published = published_markdown(benchmark)
+    if published:
+        written["table1"] += "\n" + published
+        runfolder.atomic_write(out / "table1.md", lambda p: p.write_text(written["table1"]))
     ablation = metrics[metrics["n_subjects"] >= 3]
     table2 = method_table(ablation, detections, records, TABLE2, samples, ap_samples, seed, with_cost=False) if len(ablation) else pd.DataFrame()
     note = "" if len(ablation) else "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n"
@@ -326,6 +335,22 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     runfolder.atomic_write(out / "fig4.csv", lambda p: fig4.to_csv(p, index=False))
     title = ("TINY RANDOM MODELS - " if tiny else "") + "metrics against the number of subjects"
     runfolder.atomic_write(out / "fig4.png", lambda p: plot_fig4(fig4, FIG4, p, title))
+
+    reference = bootstrap.get("reference", "anyms")
+    if reference in set(metrics["method"]):
+        comparisons = comparison_table(metrics, reference, [c for c in TABLE1 if c != "ap50"], samples, seed)
+        runfolder.atomic_write(out / "comparisons.csv", lambda p: comparisons.to_csv(p, index=False))
+        shown = comparisons.assign(
+            difference=[f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in
+                        zip(comparisons.get("difference", []), comparisons.get("lo", []), comparisons.get("hi", []))],
+            p_value=[f"{p:.3f}" for p in comparisons.get("p_value", [])],
+        )[["method", "metric", "difference", "p_value", "pairs"]] if len(comparisons) else comparisons
+        runfolder.atomic_write(out / "comparisons.md", lambda p: p.write_text(
+            f"# Paired comparison with {reference}\n\n{(TINY_BANNER + chr(10) * 2) if tiny else ''}Each method minus "
+            f"{reference} on the images both made for the same (combination, seed): mean over combinations of the "
+            "mean difference, bootstrap 95% interval and two-sided bootstrap p-value "
+            f"({samples} resamples of the pairs within each combination).\n\n"
+            f"{markdown(shown) if len(shown) else '(no other method shares images with ' + reference + ')'}\n"))
 
     overlap = overlap_table(records)
     runfolder.atomic_write(out / "overlap.csv", lambda p: overlap.to_csv(p, index=False))
@@ -352,4 +377,41 @@ def overlap_table(records: pd.DataFrame) -> pd.DataFrame:
         row = {"combination": combo, "n_subjects": int(g["n_subjects"].iloc[0])}
         row.update({f"overlap {grid}": round(v, 3) for grid, v in shares.items()})
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_comparison(metrics: pd.DataFrame, reference: str, other: str, column: str, samples: int,
+                      seed: int) -> dict | None:
+    """``other - reference`` on the images both methods made for the same (combination, seed): the mean over
+    combinations of the per-combination mean difference, a bootstrap 95% interval resampling the pairs within
+    each combination, and a two-sided bootstrap p-value (twice the smaller tail of the resampled means
+    beyond 0). ``None`` when the two methods share no (combination, seed)."""
+    if column not in metrics:
+        return None
+    values = per_image(metrics[metrics["method"].isin([reference, other])], column)
+    wide = values.pivot_table(index=["combination", "seed"], columns="method", values=column)
+    if reference not in wide or other not in wide:
+        return None
+    diff = (wide[other] - wide[reference]).dropna().rename("diff").reset_index()
+    if diff.empty:
+        return None
+    est = combination_mean_bootstrap(diff, "diff", samples, seed)
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(samples)
+    groups = [g["diff"].to_numpy(float) for _, g in diff.groupby("combination")]
+    for g in groups:
+        boot += g[rng.integers(0, len(g), size=(samples, len(g)))].mean(axis=1)
+    boot /= len(groups)
+    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())) if samples else float("nan")
+    return {"reference": reference, "method": other, "metric": column, "difference": est.mean, "lo": est.lo,
+            "hi": est.hi, "p_value": float(p), "pairs": len(diff)}
+
+
+def comparison_table(metrics: pd.DataFrame, reference: str, columns: Sequence[str], samples: int, seed: int) -> pd.DataFrame:
+    rows = []
+    for other in sorted(set(metrics["method"]) - {reference}):
+        for col in columns:
+            row = paired_comparison(metrics, reference, other, col, samples, seed)
+            if row is not None:
+                rows.append(row)
     return pd.DataFrame(rows)

@@ -1,4 +1,4 @@
-"""Weights & Biases logging of a report: the tables, Fig. 4, and sample images with the requested and
+"""Weights & Biases logging of the evaluation and the report: the tables, Fig. 4, and sample images with the requested and
 detected boxes drawn as W&B box overlays. Offline by default (``mode: offline``): no network needed."""
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ def log_report(out_dir: Path, table1: pd.DataFrame, table2: pd.DataFrame, fig4: 
     import wandb
     from PIL import Image
 
-    run = wandb.init(
-        project=cfg.get("project", "anyms-bench"), mode=cfg.get("mode", "offline"), dir=str(out_dir),
-        group=cfg.get("group") or Path(str(run_dirs[0])).name, job_type="report", reinit="finish_previous",
-        config={"runs": [str(d) for d in run_dirs], "tiny_random_models": tiny},
-        tags=["tiny-random-models"] if tiny else [],
-    )
+    import runfolder
+
+    run = runfolder.wandb_run(cfg, run_dirs[0], "report", {"runs": [str(d) for d in run_dirs], "tiny_random_models": tiny})
     try:
         run.log({"table1": wandb.Table(dataframe=table1), "fig4_data": wandb.Table(dataframe=fig4)})
         if len(table2):
@@ -43,5 +40,25 @@ def log_report(out_dir: Path, table1: pd.DataFrame, table2: pd.DataFrame, fig4: 
             samples.append(wandb.Image(Image.open(run_dir / image_rel), boxes=boxes, caption=image_rel))
         if samples:
             run.log({"samples": samples})
+    finally:
+        run.finish()
+
+
+def log_evaluation(run_dir: Path, metrics: pd.DataFrame, eval_config: dict, cfg: dict) -> None:
+    """The evaluation stage's run: its config and the per-subject metrics table."""
+    import wandb
+
+    import runfolder
+
+    run = runfolder.wandb_run(cfg, run_dir, "evaluate", eval_config)
+    if run is None:
+        return
+    try:
+        run.log({"metrics": wandb.Table(dataframe=metrics.drop(columns=[c for c in metrics if metrics[c].dtype == object
+                                                                        and c not in ("image", "method", "combination",
+                                                                                      "subject", "phrase", "role")]))})
+        means = metrics.select_dtypes("number").groupby(metrics["method"]).mean()
+        for method, row in means.iterrows():
+            run.summary.update({f"{method}/{k}": float(v) for k, v in row.items()})
     finally:
         run.finish()

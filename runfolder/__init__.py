@@ -5,6 +5,7 @@ Both wings import this package and neither imports the other. The format itself 
 
     <run_dir>/images/<method>/<combination>/<seed>.png
     <run_dir>/records/<method>.<i>-of-<k>.jsonl      one JSON record per image (one file per shard)
+    <run_dir>/plans/<method>.<i>-of-<k>.json         the images each generation shard set out to make
 
 Here: reading and writing records (validated against the schema, errors naming the file, line and
 field), atomic writes, and the provenance every output carries (package versions, git hash).
@@ -27,6 +28,7 @@ from typing import Any
 SCHEMA_PATH = Path(__file__).with_name("run_record.schema.json")
 IMAGES = "images"
 RECORDS = "records"
+PLANS = "plans"
 PACKAGES = ("anyms-bench", "torch", "torchvision", "diffusers", "transformers", "accelerate", "numpy", "pillow",
             "open_clip_torch", "timm", "segment-anything", "dreamsim", "pycocotools", "pandas", "hydra-core")
 
@@ -81,6 +83,21 @@ def image_path(method: str, combination: str, seed: int) -> str:
 def records_file(run_dir: str | os.PathLike, method: str, shard: tuple[int, int]) -> Path:
     i, k = shard
     return Path(run_dir) / RECORDS / f"{method}.{i}-of-{k}.jsonl"
+
+
+def write_plan(run_dir: str | os.PathLike, method: str, shard: tuple[int, int], images: list[str]) -> Path:
+    """Records what a generation shard set out to make, so evaluation can say what is still missing."""
+    i, k = shard
+    return write_json(Path(run_dir) / PLANS / f"{method}.{i}-of-{k}.json", {"method": method, "shard": f"{i}/{k}",
+                                                                            "images": sorted(images)})
+
+
+def planned_images(run_dir: str | os.PathLike) -> set[str]:
+    folder = Path(run_dir) / PLANS
+    planned: set[str] = set()
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        planned.update(json.loads(path.read_text()).get("images", []))
+    return planned
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -186,6 +203,22 @@ def config_identity(cfg, drop: tuple[str, ...] = ()) -> dict:
     for key in drop:
         plain.pop(key, None)
     return plain
+
+
+def wandb_run(wandb_cfg, run_dir: str | os.PathLike, job_type: str, config: dict | None = None):
+    """A W&B run for one stage of a run folder (``None`` when ``wandb_cfg.enabled`` is false), grouped by
+    the run folder, written under ``<run_dir>/wandb``. Offline unless the config says ``mode: online``."""
+    if not wandb_cfg or not wandb_cfg.get("enabled"):
+        return None
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(
+        project=wandb_cfg.get("project", "anyms-bench"), mode=wandb_cfg.get("mode", "offline"), dir=str(run_dir),
+        group=wandb_cfg.get("group") or run_dir.resolve().name, job_type=job_type, config=config or {},
+        reinit="finish_previous",
+    )
 
 
 def file_digest(path: str | os.PathLike) -> str:

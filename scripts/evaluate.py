@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> None:
         f"evaluate: {len(summary.scored)} image(s) scored, {summary.skipped} already scored, of {summary.planned}"
         + (f" ({summary.seconds_per_image:.2f} s/image)" if summary.scored else "")
         + f"\n  metrics: {summary.run_dir / 'metrics.parquet'}"
+        + (f"\n  {len(summary.missing)} planned image(s) not generated yet, e.g. {summary.missing[:3]}" if summary.missing else "")
     )
 
 

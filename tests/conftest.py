@@ -20,6 +20,11 @@ def data_root() -> Path | None:
     return shared if (shared / "dreambench").is_dir() else None
 
 
+def quiet_wandb(overrides) -> list[str]:
+    """W&B off in tests unless a test asks for it (each offline run costs seconds)."""
+    return [] if any(o.startswith("wandb=") for o in overrides) else ["wandb=disabled"]
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
     from runfolder.clip_vocab import write_clip_tokenizer_files

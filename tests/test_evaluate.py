@@ -13,7 +13,7 @@ import runfolder
 from eval.evaluate import EvaluationError, run_evaluation
 from eval.report import run_report
 
-from .conftest import REPO, data_root
+from .conftest import REPO, data_root, quiet_wandb
 
 CONF = REPO / "conf"
 COLOURS = {"dog": (255, 0, 0), "cat": (0, 0, 255)}
@@ -22,7 +22,8 @@ DATA = data_root()
 
 def eval_cfg(run_dir, *overrides, tiny_root=None):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", "eval=tiny", "progress=false", *overrides])
+        cfg = compose("evaluate", overrides=[f"run_dir={run_dir}", "eval=tiny", "progress=false", *quiet_wandb(overrides),
+                                              *overrides])
     if tiny_root is not None:
         cfg.eval.tiny_root = str(tiny_root)
     return cfg
@@ -144,7 +145,8 @@ def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_
     run = tmp_path / "run"
     for method in ("anyms", "wo_local"):
         run_generation(make_cfg(run, f"method={method}", "benchmark=smoke", "benchmark.only=[c02,c05]",
-                                "benchmark.seeds=[0]", tiny_root=tiny_gen))
+                                "benchmark.seeds=[0]", f"wandb={'offline' if method == 'anyms' else 'disabled'}",
+                                tiny_root=tiny_gen))
     first = run_evaluation(eval_cfg(run, tiny_root=tiny_eval))
     assert len(first.scored) == 4
     m = pd.read_parquet(run / "metrics.parquet")
@@ -169,7 +171,9 @@ def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_
     assert "TINY RANDOM MODELS" in table1 and "| anyms |" in table1 and "| wo_local |" in table1
     table2 = pd.read_csv(run / "report" / "table2.csv")
     assert sorted(table2["method"]) == ["anyms", "wo_local"]  # c05 has 3 subjects
-    assert list((run / "report" / "wandb").glob("offline-run-*"))
+    # one offline W&B run per stage, all in the run folder
+    runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs  # generate (anyms) and report; evaluate ran with wandb disabled
 
 
 @pytest.mark.skipif(DATA is None, reason="needs the DreamBench images")

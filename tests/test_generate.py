@@ -15,7 +15,7 @@ from anyms.benchmark import BenchmarkConfigError, load_combinations
 from anyms.generate import run_generation
 from anyms.pipeline import ModelLoadError
 
-from .conftest import REPO, data_root
+from .conftest import REPO, data_root, quiet_wandb
 
 CONF = REPO / "conf"
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("model", "method", "benchmark", "generation")}
@@ -26,7 +26,8 @@ needs_data = pytest.mark.skipif(DATA is None, reason="needs the DreamBench image
 
 def make_cfg(run_dir, *overrides, tiny_root=None, data=DATA):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("generate", overrides=[f"run_dir={run_dir}", f"data_root={data}", "progress=false", *overrides])
+        cfg = compose("generate", overrides=[f"run_dir={run_dir}", f"data_root={data}", "progress=false", *quiet_wandb(overrides),
+                                              *overrides])
     if tiny_root is not None and cfg.model.get("tiny"):
         cfg.model.tiny_root = str(tiny_root)
     return cfg

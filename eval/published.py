@@ -1,0 +1,92 @@
+"""Published numbers as reference rows: kept as data (``eval/published.json``) with their source, shown in
+reports beside measured rows, marked "published", never mixed into our means.
+
+    rows = published_rows("msbench")          # [{"method": "MS-Diffusion", "clip_i": 0.698, ...}, ...]
+    md = published_markdown("msbench")        # "## Published (not measured here)" + a table, or ""
+    benchmark_of(records["combination"])      # "msbench" when every combination id is an MS-Bench sample id
+
+Values are stored as printed (``scale``: 1.0 for a 0-1 table); the Markdown shows them on the report's
+0-100 scale with the printed value in brackets, and the benchmark's protocol note.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+PUBLISHED_FILE = Path(__file__).with_name("published.json")
+REPORT_SCALE = 100.0  # the report shows 100 x cosine
+HEADERS = {"clip_i": "CLIP-I", "dino": "DINO", "m_dino": "M-DINO", "clip_t": "CLIP-T", "dreamsim": "DreamSim",
+           "iou": "mIoU", "ap50": "AP50"}
+SECTION_TITLE = "Published (not measured here)"
+
+# combination ids of the benchmarks (eval/ knows nothing of anyms/: the formats are restated here, and a
+# test checks them against anyms.msbench's ids)
+_MSBENCH_TYPE = r"(?:living|object|scene|upwearing|midwearing|downwearing|wholewearing)"
+BENCHMARK_IDS = {
+    "msbench": re.compile(rf"^{_MSBENCH_TYPE}(?:_{_MSBENCH_TYPE})+-[^/+]+(?:\+[^/+]+)+-p\d+$"),
+    "anyms11": re.compile(r"^c\d{2}$"),
+}
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load_published(path: str | Path | None = None) -> dict:
+    """The whole data file: ``{"benchmarks": {name: {source, scale, metrics, protocol_note, rows}}}``."""
+    return _load(str(path or PUBLISHED_FILE))
+
+
+def benchmark_entry(benchmark: str | None, path: str | Path | None = None) -> dict:
+    return load_published(path)["benchmarks"].get(benchmark or "", {}) if benchmark else {}
+
+
+def published_rows(benchmark: str | None, path: str | Path | None = None) -> list[dict]:
+    """The published rows of a benchmark (empty when none are kept), each marked ``published: True`` and
+    carrying its source and scale; values as printed."""
+    entry = benchmark_entry(benchmark, path)
+    return [{**row, "published": True, "source": entry.get("source"), "scale": entry.get("scale", 1.0)}
+            for row in entry.get("rows", [])]
+
+
+def benchmark_of(combination_ids: Iterable[str]) -> str | None:
+    """The benchmark whose id format every combination id follows, else None."""
+    ids = {str(c) for c in combination_ids}
+    if not ids:
+        return None
+    for name, pattern in BENCHMARK_IDS.items():
+        if all(pattern.match(c) for c in ids):
+            return name
+    return None
+
+
+def published_markdown(benchmark: str | None, columns: Sequence[str] | None = None,
+                       path: str | Path | None = None) -> str:
+    """A Markdown section of the benchmark's published rows, each method marked "(published)", on the
+    report's 0-100 scale with the printed value in brackets; "" when no rows are kept for it."""
+    entry = benchmark_entry(benchmark, path)
+    rows = published_rows(benchmark, path)
+    if not rows:
+        return ""
+    metrics = list(columns or entry.get("metrics") or [k for k in HEADERS if k in rows[0]])
+    factor = REPORT_SCALE / float(entry.get("scale", 1.0))
+    header = ["Method"] + [HEADERS.get(m, m) for m in metrics] + ["Base model"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        cells = [f"{row['method']} (published)"]
+        for m in metrics:
+            v = row.get(m)
+            cells.append("-" if v is None else f"{v * factor:.1f} [{v:g}]")
+        cells.append(str(row.get("base_model") or "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    note = entry.get("protocol_note", "")
+    return (f"## {SECTION_TITLE}\n\n"
+            f"Reference rows from {entry.get('source')}{' <' + entry['url'] + '>' if entry.get('url') else ''}. "
+            "Not computed by this harness and "
+            "never part of the means above; shown x 100 with the printed value in brackets.\n\n"
+            + "\n".join(lines) + "\n\n" + (f"Protocol: {note}\n" if note else ""))
