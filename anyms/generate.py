@@ -37,16 +37,24 @@ class GenerationSummary:
     seconds: float = 0.0
 
 
-def model_identity(model_cfg: DictConfig) -> dict:
-    """What of the model config determines the images: ids and settings, not where a cache lives."""
-    return runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads"))
+def method_pipeline(method_cfg: DictConfig | None) -> str:
+    """What the method loads on top of the base model: ``anyms`` (the IP-Adapter) unless the method config
+    says ``pipeline: ms_diffusion``."""
+    return str(method_cfg.get("pipeline") or "anyms") if method_cfg is not None else "anyms"
+
+
+def model_identity(model_cfg: DictConfig, method_cfg: DictConfig | None = None) -> dict:
+    """What of the model config determines the images: ids and settings, not where a cache lives; of the
+    adapters (``ip_adapter``, ``ms_diffusion``) only the one the method uses."""
+    unused = "ip_adapter" if method_pipeline(method_cfg) == "ms_diffusion" else "ms_diffusion"
+    return runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads", unused))
 
 
 def image_config_hash(cfg: DictConfig, combo: Combination, seed: int) -> str:
     """Hash of everything that decides one image: model, method, generation settings, the combination's
     definition, the adapter's reference image content, the seed. Not run_dir, hydra.* or shard."""
     return runfolder.config_hash({
-        "model": model_identity(cfg.model),
+        "model": model_identity(cfg.model, cfg.method),
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "combination": combo.definition,
@@ -60,16 +68,20 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
     return GenerationSettings(
         steps=int(g.steps), guidance_scale=float(g.guidance_scale), negative_prompt=str(g.negative_prompt),
         height=g.height, width=g.width, adapter_scale=float(cfg.method.adapter_scale),
+        full_frame_adapter_scale=(None if cfg.method.get("full_frame_adapter_scale") is None
+                                  else float(cfg.method.full_frame_adapter_scale)),
     )
 
 
-def load_model(model_cfg: DictConfig):
-    """``hydra.utils.instantiate`` of the model config, with our own load errors unwrapped from Hydra's."""
+def load_model(model_cfg: DictConfig, method_cfg: DictConfig | None = None):
+    """``hydra.utils.instantiate`` of the model config, with our own load errors unwrapped from Hydra's.
+    A method with its own weights (``pipeline: ms_diffusion``) has them loaded instead of the IP-Adapter."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    extra = {"pipeline": method_pipeline(method_cfg)} if method_pipeline(method_cfg) != "anyms" else {}
     try:
-        return instantiate(model_cfg, _convert_="all")
+        return instantiate(model_cfg, _convert_="all", **extra)
     except InstantiationException as err:
         if isinstance(err.__cause__, ModelLoadError):
             raise err.__cause__ from None
@@ -102,10 +114,10 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         log.info("nothing to generate: %d image(s) already in %s", summary.skipped, run_dir)
         return summary
 
-    pipeline = load_model(cfg.model)
+    pipeline = load_model(cfg.model, cfg.method)
     records = runfolder.records_file(run_dir, method, shard)
     prov = runfolder.provenance()
-    model_ids = model_identity(cfg.model)
+    model_ids = model_identity(cfg.model, cfg.method)
     start = time.perf_counter()
     touched: dict[str, Combination] = {}
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)

@@ -1,8 +1,9 @@
 """Loading the generation models from config (``conf/model/*.yaml``, built by Hydra's ``_target_``).
 
 The same code loads the real hub models and the tiny random ones: ``tiny: sdxl`` only makes sure the tiny
-models exist, in the real hub layout, under ``tiny_root`` first (anyms.tiny.write_tiny_hub); the paths
-then go through ``from_pretrained`` and ``load_ip_adapter`` exactly as hub ids would.
+models exist, in the real hub layout, under ``tiny_root`` first (anyms.tiny.write_tiny_hub, and
+anyms.tiny.write_tiny_ms_diffusion for ``method=ms_diffusion``); the paths then go through ``from_pretrained``,
+``load_ip_adapter`` and MS-Diffusion's loader exactly as hub ids would.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import torch
 
-from anyms.pipeline import AnyMSPipeline, ModelLoadError
+from anyms.pipeline import AnyMSPipeline, BasePipeline, ModelLoadError
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+# what a method loads on top of the base model (the method config's ``pipeline``, default anyms)
+ADAPTERS = ("anyms", "ms_diffusion")
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -54,11 +57,18 @@ def load_pipeline(
     tiny: str | None = None,
     tiny_root: str | None = None,
     torch_threads: int | None = None,
-) -> AnyMSPipeline:
-    """Loads an SD1.5 or SDXL pipeline and one IP-Adapter, and installs the AnyMS processors.
+    ms_diffusion: dict | None = None,
+    pipeline: str = "anyms",
+) -> BasePipeline:
+    """Loads an SD1.5 or SDXL pipeline and one IP-Adapter, and installs the AnyMS processors; or, with
+    ``pipeline="ms_diffusion"`` (set by ``method=ms_diffusion``), MS-Diffusion's weights instead of the IP-Adapter.
 
     ip_adapter: ``repo`` (hub id or folder), ``subfolder``, ``weight_name``, ``image_encoder_folder``
     (as ``load_ip_adapter`` takes them), ``plus`` (a Plus adapter: 16 tokens from the encoder's hidden states).
+    ms_diffusion: ``repo`` (hub id or folder), ``subfolder``, ``weight_name`` of ``ms_adapter.bin``,
+    ``image_encoder`` (hub id or folder) and ``image_encoder_subfolder``, ``resampler`` sizes,
+    ``num_dummy_tokens``, ``reference_size`` (see :func:`anyms.ms_diffusion.load_ms_diffusion_pipeline`);
+    ``None`` for models MS-Diffusion has no weights for.
     torch_threads: CPU threads for torch (None: torch's default). Tiny models run fastest on one: their
     ops are too small to gain from threads, and threads waiting on a busy core cost up to 10x.
     """
@@ -66,10 +76,19 @@ def load_pipeline(
 
     if kind not in PIPELINES:
         raise ValueError(f"model.kind {kind!r}: use one of {sorted(PIPELINES)}")
+    if pipeline not in ADAPTERS:
+        raise ValueError(f"method.pipeline {pipeline!r}: use one of {ADAPTERS}")
+    if pipeline == "ms_diffusion" and not ms_diffusion:
+        raise ModelLoadError(
+            f"model {name!r} has no MS-Diffusion weights (model.ms_diffusion is empty): the released checkpoint "
+            "(doge1516/MS-Diffusion) is for SDXL; use model=sdxl (or model=tiny for a plumbing check)"
+        )
     if tiny:
-        from anyms.tiny import write_tiny_hub
+        from anyms.tiny import write_tiny_hub, write_tiny_ms_diffusion
 
         write_tiny_hub(tiny_root)
+        if pipeline == "ms_diffusion":
+            write_tiny_ms_diffusion(tiny_root)
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     dev = resolve_device(device)
@@ -81,6 +100,11 @@ def load_pipeline(
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"model {name!r}: cannot load the pipeline {pretrained!r}; {_how_to_get('pretrained', pretrained)}. "
                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if pipeline == "ms_diffusion":
+        from anyms.ms_diffusion import load_ms_diffusion_pipeline
+
+        pipe.to(dev)
+        return load_ms_diffusion_pipeline(pipe, name=name, default_size=size, **ms_diffusion)
     repo = ip_adapter["repo"]
     try:
         pipe.load_ip_adapter(

@@ -8,6 +8,9 @@ reaches them. Methods:
   ``sum``), installed as :class:`~anyms.attention.AnyMSAttnProcessor`;
 - ``ip_adapter_joint``: diffusers' stock IP-Adapter processor with every subject's tokens in one softmax;
 - ``text_only``: no image term (the ``none`` mode: the text stream of the same processors, exactly plain SD).
+
+MS-Diffusion (``method=ms_diffusion``) has its own weights and processors: :class:`anyms.ms_diffusion.MSDiffusionPipeline`,
+a sibling of :class:`AnyMSPipeline` on the same :class:`BasePipeline` (same call, seeds, timing and records).
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ class GenerationSettings:
     width: int | None = None
     adapter_scale: float = 1.0  # multiplies every subject's scale (set_ip_adapter_scale)
     scales: Sequence[float] | None = None  # per subject; None: each Subject.scale
+    # MS-Diffusion only: the scale used instead of adapter_scale when a subject's box is the whole image
+    full_frame_adapter_scale: float | None = None
 
     def __post_init__(self):
         if self.steps < 1:
@@ -67,20 +72,14 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-class AnyMSPipeline:
-    """A diffusers SD/SDXL pipeline with one IP-Adapter loaded, and the AnyMS processors on its UNet.
+class BasePipeline:
+    """What every method's pipeline shares: the diffusers pipeline, its device and dtype, its grids, the
+    image cache key and the timing of one call. Subclasses implement
+    ``__call__(prompt, layout, seed, settings, attention) -> GenerationResult``."""
 
-    ``adapter_id`` names the adapter for the embedding cache; ``default_size`` is the model's native size.
-    """
-
-    def __init__(self, pipe, adapter_id: str, default_size: int, plus: bool):
+    def __init__(self, pipe, default_size: int):
         self.pipe = pipe
-        self.adapter_id = adapter_id
         self.default_size = default_size
-        self.plus = plus
-        self.state: AnyMSState = install(pipe.unet, "fused")
-        self._stock = False
-        self._embedding_cache: dict[tuple, torch.Tensor] = {}
         pipe.set_progress_bar_config(disable=True)
 
     @property
@@ -104,6 +103,37 @@ class AnyMSPipeline:
         with_cross.append(levels[len(blocks) - 1])  # the mid block
         return sorted(set(with_cross), key=lambda hw: -hw[0] * hw[1])
 
+    @staticmethod
+    def _image_key(image) -> str:
+        if isinstance(image, Image.Image):
+            return hashlib.sha256(image.tobytes()).hexdigest() + f"{image.size}{image.mode}"
+        return file_digest(image)
+
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+
+    def _elapsed(self, start: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - start
+
+
+class AnyMSPipeline(BasePipeline):
+    """A diffusers SD/SDXL pipeline with one IP-Adapter loaded, and the AnyMS processors on its UNet.
+
+    ``adapter_id`` names the adapter for the embedding cache; ``default_size`` is the model's native size.
+    """
+
+    def __init__(self, pipe, adapter_id: str, default_size: int, plus: bool):
+        super().__init__(pipe, default_size)
+        self.adapter_id = adapter_id
+        self.plus = plus
+        self.state: AnyMSState = install(pipe.unet, "fused")
+        self._stock = False
+        self._embedding_cache: dict[tuple, torch.Tensor] = {}
+
     # --- subject embeddings: each reference encoded on its own, cached per (file content, adapter) ---
 
     def subject_embeddings(self, images: Sequence[Any], cfg: bool) -> torch.Tensor:
@@ -121,12 +151,6 @@ class AnyMSPipeline:
                 self._embedding_cache[key] = emb
             per_subject.append(self._embedding_cache[key])
         return torch.cat(per_subject, dim=1)
-
-    @staticmethod
-    def _image_key(image) -> str:
-        if isinstance(image, Image.Image):
-            return hashlib.sha256(image.tobytes()).hexdigest() + f"{image.size}{image.mode}"
-        return file_digest(image)
 
     # --- methods ---
 
@@ -164,16 +188,12 @@ class AnyMSPipeline:
         else:
             self.pipe.set_ip_adapter_scale(settings.adapter_scale)
             self.state.layout, self.state.latent_hw, self.state.scales = layout, latent_hw, scales
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            torch.cuda.synchronize(self.device)
+        self._reset_peak_memory()
         start = time.perf_counter()
         out = self.pipe(
             prompt=prompt, negative_prompt=settings.negative_prompt, ip_adapter_image_embeds=[embeds],
             num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=height,
             width=width, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pil",
         )
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = self._elapsed(start)
         return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw)

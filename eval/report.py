@@ -257,7 +257,14 @@ def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def models_header(records: pd.DataFrame, eval_configs: Sequence[dict]) -> tuple[str, bool]:
     """A line naming the models behind the numbers, and whether any of them is a tiny random model."""
-    gen = sorted({f"{m.get('name')} ({m.get('pretrained')}; IP-Adapter {m.get('ip_adapter', {}).get('weight_name')})"
+    def adapter(m: dict) -> str:  # the adapter the images used: an IP-Adapter, or MS-Diffusion's own weights
+        if m.get("ip_adapter"):
+            return f"IP-Adapter {m['ip_adapter'].get('weight_name')}"
+        if m.get("ms_diffusion"):
+            return f"MS-Diffusion {m['ms_diffusion'].get('repo')}"
+        return "no adapter"
+
+    gen = sorted({f"{m.get('name')} ({m.get('pretrained')}; {adapter(m)})"
                   if isinstance(m, dict) and m.get("pretrained") else str((m or {}).get("name"))
                   for m in records.get("model", pd.Series(dtype=object))})
     tiny = any(isinstance(m, dict) and m.get("tiny") for m in records.get("model", []))
