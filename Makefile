@@ -12,7 +12,7 @@ HYDRA_KEYS := model method benchmark generation run_dir data_root shard overwrit
 OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
 ARGS ?=
 
-.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables data clean-venv
+.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables bench-perf data clean-venv
 
 setup: $(STAMP)
 
@@ -68,6 +68,12 @@ benchmark: setup
 paper-tables: setup
 	@[ -n "$(B_MODEL)" ] || { echo "make paper-tables: PROFILE must be tiny or paper, got '$(PROFILE)'"; exit 2; }
 	$(PY) scripts/report.py run_dir=$(B_RUN)
+
+# Speed and memory (benchmarks/): AnyMS next to the stock IP-Adapter, evaluation next to generation; random
+# weights at real size; about 11 minutes here. BENCH_ARGS=--sdxl adds the SDXL UNet step (about 20 min more).
+BENCH_ARGS ?=
+bench-perf: setup
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check anyms eval runfolder scripts tests benchmarks

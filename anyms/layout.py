@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -163,6 +163,14 @@ class Layout:
         """Subject indices from the lowest to the highest priority (the last one painted wins)."""
         keyed = [(s.rank, -s.area, -i) for i, s in enumerate(self.subjects)]
         return sorted(range(len(self.subjects)), key=lambda i: keyed[i])
+
+    def cached(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per ``key`` for this layout and kept with it: for data derived from the
+        layout that every attention layer of a call needs again (e.g. the queries grouped by owner, per grid size and device).
+        The result is shared, so callers must not modify it."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def box_masks(self, h: int, w: int) -> torch.Tensor:
         """``BoolTensor[n, h, w]``: token (r, c) is True for each subject whose box covers it."""
