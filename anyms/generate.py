@@ -17,9 +17,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import runfolder
+from anyms.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
 from anyms.pipeline import GenerationSettings, ModelLoadError
 from runfolder import file_digest
+from runfolder.attention_maps import attention_maps_path, save_attention_maps
 from runfolder.pictures import contact_sheet
 
 log = logging.getLogger(__name__)
@@ -73,6 +75,21 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
     )
 
 
+def attention_map_settings(cfg: DictConfig) -> AttentionMapSettings | None:
+    """What ``record_attention`` / ``attention_maps`` ask to record (``None``: recording off). Recording
+    does not change the images, so it stays out of the config hash."""
+    if not cfg.get("record_attention"):
+        return None
+    maps = cfg.get("attention_maps") or {}
+    levels, steps = maps.get("levels", None), maps.get("steps", None)
+    record = AttentionMapSettings(
+        levels=tuple(levels) if levels is not None else AttentionMapSettings.levels,
+        steps=tuple(steps) if steps is not None else None,
+    )
+    record.check_steps(int(cfg.generation.steps))
+    return record
+
+
 def load_model(model_cfg: DictConfig, method_cfg: DictConfig | None = None):
     """``hydra.utils.instantiate`` of the model config, with our own load errors unwrapped from Hydra's.
     A method with its own weights (``pipeline: ms_diffusion``) has them loaded instead of the IP-Adapter."""
@@ -94,6 +111,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     seeds = parse_seeds(cfg.benchmark.seeds)
     shard = runfolder.parse_shard(cfg.shard)
     settings = generation_settings(cfg)
+    record = attention_map_settings(cfg)
     method = str(cfg.method.name)
     run_dir = Path(cfg.run_dir)
 
@@ -101,12 +119,20 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     work = work[shard[0] :: shard[1]]
     summary = GenerationSummary(run_dir, method, planned=len(work))
     runfolder.write_plan(run_dir, method, shard, [runfolder.image_path(method, c.id, s) for c, s in work])
-    done = {r["image"]: r["config_hash"] for r in runfolder.read_records(run_dir) if r["method"] == method}
+    done = {r["image"]: r for r in runfolder.read_records(run_dir) if r["method"] == method}
+
+    def finished(rel: str, h: str) -> bool:
+        r = done.get(rel)
+        if cfg.overwrite or r is None or r["config_hash"] != h or not (run_dir / rel).exists():
+            return False
+        # recording asks for the maps too: an image made without them is made again (the same bytes)
+        return record is None or ("attention_maps" in r and (run_dir / r["attention_maps"]).exists())
+
     todo = []
     for combo, seed in work:
         rel = runfolder.image_path(method, combo.id, seed)
         h = image_config_hash(cfg, combo, seed)
-        if not cfg.overwrite and done.get(rel) == h and (run_dir / rel).exists():
+        if finished(rel, h):
             summary.skipped += 1
         else:
             todo.append((combo, seed, rel, h))
@@ -123,10 +149,15 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
     for n, (combo, seed, rel, h) in enumerate(bar):
         bar.set_postfix_str(f"{combo.id} seed {seed}")
-        result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention))
+        result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention),
+                          record=record)
         runfolder.save_png(result.image, run_dir / rel)
+        maps = {}
+        if result.attention_maps is not None:
+            maps["attention_maps"] = attention_maps_path(rel)
+            save_attention_maps(result.attention_maps, run_dir / maps["attention_maps"])
         grids = pipeline.cross_attention_grids(result.image.height, result.image.width)
-        runfolder.append_record(records, {
+        runfolder.append_record(records, {**maps,
             "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
             "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
             "subjects": [

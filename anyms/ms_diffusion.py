@@ -568,7 +568,7 @@ class MSDiffusionPipeline(BasePipeline):
     # --- one image ---
 
     def __call__(self, prompt: str, layout: Layout, seed: int, settings: GenerationSettings,
-                 attention: str = METHOD) -> GenerationResult:
+                 attention: str = METHOD, record=None) -> GenerationResult:
         """One image; the initial noise comes from a CPU generator seeded with ``seed``, as for every method."""
         if attention != METHOD:
             raise ValueError(f"the MS-Diffusion pipeline runs attention={METHOD!r} only, got {attention!r}")
@@ -592,11 +592,14 @@ class MSDiffusionPipeline(BasePipeline):
             embeds.pop("negative_pooled_prompt_embeds", None)
         s = self.state
         s.layout, s.latent_hw, s.weights, s.grounded = layout, latent_hw, weights, ([False, True] if cfg else [True])
+        recorder = self.attention_recorder(record, prompt, layout, height, width, cfg, settings.steps)
         try:
-            out = self.pipe(**embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
-                            height=height, width=width, generator=torch.Generator("cpu").manual_seed(int(seed)),
-                            output_type="pil")
+            with self._recording(recorder, METHOD):
+                out = self.pipe(**embeds, num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                                height=height, width=width, generator=torch.Generator("cpu").manual_seed(int(seed)),
+                                output_type="pil")
         finally:
             s.layout = s.latent_hw = s.weights = s.grounded = None
         seconds = self._elapsed(start)
-        return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw)
+        return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw,
+                                recorder.result() if recorder is not None else None)

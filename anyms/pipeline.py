@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import resource
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -25,6 +26,7 @@ import torch
 from PIL import Image
 
 from anyms.attention import MODES, AnyMSState, install, uninstall
+from anyms.attention_maps import AttentionMapSettings, AttentionRecorder, phrase_token_positions
 from anyms.layout import Layout, grid_levels
 from runfolder import file_digest
 
@@ -63,6 +65,7 @@ class GenerationResult:
     seconds: float
     peak_memory_bytes: int
     latent_hw: tuple[int, int]
+    attention_maps: dict | None = None  # the recorder's arrays (runfolder.attention_maps) when recording
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -108,6 +111,20 @@ class BasePipeline:
         if isinstance(image, Image.Image):
             return hashlib.sha256(image.tobytes()).hexdigest() + f"{image.size}{image.mode}"
         return file_digest(image)
+
+    def attention_recorder(self, record: AttentionMapSettings | None, prompt: str, layout: Layout,
+                           height: int, width: int, cfg: bool, steps: int) -> AttentionRecorder | None:
+        """A recorder of this call's attention maps (``None`` when ``record`` is ``None``: nothing recorded)."""
+        if record is None:
+            return None
+        record.check_steps(steps)
+        latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        grids = record.grids(latent, self.cross_attention_grids(height, width))
+        positions = [phrase_token_positions(self.pipe.tokenizer, prompt, s.phrase) for s in layout]
+        return AttentionRecorder(record, layout, grids, latent, positions, cfg)
+
+    def _recording(self, recorder: AttentionRecorder | None, method: str):
+        return recorder.attached(self.pipe.unet, method) if recorder is not None else nullcontext()
 
     def _reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -168,10 +185,11 @@ class AnyMSPipeline(BasePipeline):
         self.state.mode = method
 
     def __call__(self, prompt: str, layout: Layout, seed: int, settings: GenerationSettings,
-                 attention: str = "fused") -> GenerationResult:
+                 attention: str = "fused", record: AttentionMapSettings | None = None) -> GenerationResult:
         """One image. ``attention``: an AnyMS mode (``fused``, ``crop_merge``, ``masked_sum``, ``sum``,
         ``none``) or ``ip_adapter_joint``. Initial noise comes from a CPU generator seeded with ``seed``, so
-        a seed gives the same image on any device."""
+        a seed gives the same image on any device. ``record``: which attention maps to keep
+        (``result.attention_maps``); the image is the same with or without."""
         self._use(attention)
         height = settings.height or self.default_size
         width = settings.width or self.default_size
@@ -188,12 +206,15 @@ class AnyMSPipeline(BasePipeline):
         else:
             self.pipe.set_ip_adapter_scale(settings.adapter_scale)
             self.state.layout, self.state.latent_hw, self.state.scales = layout, latent_hw, scales
+        recorder = self.attention_recorder(record, prompt, layout, height, width, cfg, settings.steps)
         self._reset_peak_memory()
         start = time.perf_counter()
-        out = self.pipe(
-            prompt=prompt, negative_prompt=settings.negative_prompt, ip_adapter_image_embeds=[embeds],
-            num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=height,
-            width=width, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pil",
-        )
+        with self._recording(recorder, attention):
+            out = self.pipe(
+                prompt=prompt, negative_prompt=settings.negative_prompt, ip_adapter_image_embeds=[embeds],
+                num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=height,
+                width=width, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pil",
+            )
         seconds = self._elapsed(start)
-        return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw)
+        return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw,
+                                recorder.result() if recorder is not None else None)

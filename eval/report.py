@@ -108,6 +108,9 @@ def time_memory(records: pd.DataFrame) -> dict[str, dict]:
         first = g["first_in_process"] if "first_in_process" in g else pd.Series(False, index=g.index)
         warm = g[~first.fillna(False).astype(bool)]
         warm = warm if len(warm) else g  # a single image: nothing else to average
+        if "attention_maps" in warm:  # the recorder's work is in those images' time: leave them out if others exist
+            plain = warm[warm["attention_maps"].isna()]
+            warm = plain if len(plain) else warm
         seconds = pd.to_numeric(warm["seconds"], errors="coerce").dropna()
         memory = pd.to_numeric(g["peak_memory_bytes"], errors="coerce").dropna()
         out[method] = {
@@ -159,7 +162,23 @@ def by_subject_count(metrics: pd.DataFrame, detections: pd.DataFrame, columns: S
     return pd.DataFrame(rows)
 
 
-HEADERS = {"ap50": ("AP50", 1), **IMAGE_METRICS, "time_s": ("Time (s/img)", 2), "memory_gib": ("Memory (GiB)", 2)}
+HEADERS = {"ap50": ("AP50", 1), **IMAGE_METRICS, "time_s": ("Time (s/img)", 2), "memory_gib": ("Memory (GiB)", 2),
+           "attn_in_box_image": ("Image attn in box (%)", 1), "attn_in_box_text": ("Text attn in box (%)", 1)}
+ATTENTION_COLUMNS = ["attn_in_box_image", "attn_in_box_text"]
+
+
+def attention_table(rows: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame:
+    """Per method: each attention-in-box column's mean (over combinations of per-combination means of the
+    per-image means over the subjects where it is defined) with its bootstrap interval, and the counts."""
+    out = []
+    for method, m in rows.groupby("method", sort=True):
+        row = {"method": method, "n_images": int(m["image"].nunique())}
+        for col in ATTENTION_COLUMNS:
+            defined = m.dropna(subset=[col])
+            est = combination_mean_bootstrap(per_image(defined, col), col, samples, seed)
+            row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi, f"{col}_undefined": int(len(m) - len(defined))})
+        out.append(row)
+    return pd.DataFrame(out)
 
 
 def display_table(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
@@ -280,12 +299,36 @@ def models_header(records: pd.DataFrame, eval_configs: Sequence[dict]) -> tuple[
     return f"Generation models: {'; '.join(gen)}. Evaluation: {' | '.join(sorted(set(ev)))}.", tiny
 
 
-def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None) -> dict:
-    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv} and report.json into ``out_dir``."""
+def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_banner: str, stamp: str) -> None:
+    """attention.md / attention.csv (per method) and attention_subjects.csv (per image and subject)."""
+    import runfolder
+
+    shown = display_table(table, ATTENTION_COLUMNS)
+    for col in ATTENTION_COLUMNS:
+        shown[f"undefined ({col.rsplit('_', 1)[1]})"] = table[f"{col}_undefined"].to_numpy()
+    md = (f"# Attention in box\n\n{header_banner}{stamp}\n\nPer subject and stream, the share of its attention mass "
+          "on the tokens of its own requested box, on each recorded grid, averaged over grids (eval/attention.py). "
+          "Image stream: the weight each query gives the subject's image tokens in the method's own image attention "
+          "(100 by construction for AnyMS, whose subjects act only on tokens they own); text stream: the weight on "
+          "the subject's phrase tokens. Undefined where a subject has no attention mass (no image term, or no token "
+          f"owned): counted, left out of the means. Figures: attention/.\n\n{markdown(shown)}\n")
+    runfolder.atomic_write(out / "attention.md", lambda p: p.write_text(md))
+    runfolder.atomic_write(out / "attention.csv", lambda p: table.to_csv(p, index=False))
+    runfolder.atomic_write(out / "attention_subjects.csv", lambda p: rows.to_csv(p, index=False))
+
+
+def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None,
+               figures: dict | None = None) -> dict:
+    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv} and report.json into ``out_dir``; with
+    attention maps in the runs also attention.{md,csv} and attention/ figures (``figures["attention"]``
+    (combination, seed) pairs, default 4)."""
     from pathlib import Path
 
     import runfolder
+    from eval.attention import attention_rows, write_attention_figures
     from eval.evaluate import EvaluationError
+
+    figures = dict(figures or {})
 
     runs = [_read_run(d) for d in run_dirs]
     hashes = {cfg.get("eval_hash") for *_, cfg in runs}
@@ -327,7 +370,20 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     benchmark = benchmark_of(metrics["combination"])  # from the combination ids: per-benchmark columns, published rows
     table1_columns = TABLE1_BY_BENCHMARK.get(benchmark, TABLE1)
     table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True)
-    write_table("table1", table1, table1_columns + ["time_s", "memory_gib"], "Table 1: layout, identity and text metrics per method")
+    # attention in box, from the attention maps of the images that have them (record_attention=true)
+    raw_records = [(r, d) for d in run_dirs for r in runfolder.read_records(d)]
+    run_of = {id(r): d for r, d in raw_records}
+    attention = attention_rows([r for r, _ in raw_records], lambda r: run_of[id(r)])
+    attention_columns = []
+    if len(attention):
+        attn = attention_table(attention, samples, seed)
+        table1 = table1.merge(attn.drop(columns=["n_images"]), on="method", how="left")
+        attention_columns = ATTENTION_COLUMNS
+        write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
+        write_attention_figures([r for r, _ in raw_records], lambda r: run_of[id(r)], out / "attention",
+                                int(figures.get("attention", 4)), "TINY RANDOM MODELS - " if tiny else "")
+    write_table("table1", table1, table1_columns + attention_columns + ["time_s", "memory_gib"],
+                "Table 1: layout, identity and text metrics per method")
     # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
     published = published_markdown(benchmark)
     if published:
@@ -367,6 +423,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         f"ablation compute the same image.\n\n{markdown(overlap)}\n"))
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
                **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
+    if (out / "attention").is_dir():
+        summary["attention_figures"] = sorted(p.name for p in (out / "attention").glob("*.png"))
     runfolder.write_json(out / "report.json", summary)
     if wandb_cfg and wandb_cfg.get("enabled"):
         from eval.wandb_log import log_report

@@ -22,6 +22,10 @@ def log_report(out_dir: Path, table1: pd.DataFrame, table2: pd.DataFrame, fig4: 
         if len(table2):
             run.log({"table2": wandb.Table(dataframe=table2)})
         run.log({"fig4": wandb.Image(str(out_dir / "fig4.png"))})
+        figures = sorted((out_dir / "attention").glob("*.png")) if (out_dir / "attention").is_dir() else []
+        if figures:  # attention maps (record_attention=true): the across-method figures first
+            figures.sort(key=lambda p: (not p.stem.endswith("-methods"), p.name))
+            run.log({"attention_maps": [wandb.Image(str(p), caption=p.stem) for p in figures[: int(cfg.get("sample_images", 8))]]})
         samples = []
         for image_rel, g in list(metrics.groupby("image", sort=True))[: int(cfg.get("sample_images", 8))]:
             run_dir = next((Path(str(d)) for d in run_dirs if (Path(str(d)) / image_rel).exists()), None)

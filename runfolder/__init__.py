@@ -6,6 +6,7 @@ Both wings import this package and neither imports the other. The format itself 
     <run_dir>/images/<method>/<combination>/<seed>.png
     <run_dir>/records/<method>.<i>-of-<k>.jsonl      one JSON record per image (one file per shard)
     <run_dir>/plans/<method>.<i>-of-<k>.json         the images each generation shard set out to make
+    <run_dir>/images/<method>/<combination>/<seed>.attention.npz   optional attention maps (attention_maps.py)
 
 Here: reading and writing records (validated against the schema, errors naming the file, line and
 field), atomic writes, and the provenance every output carries (package versions, git hash).

@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> None:
     run_dirs = list(cfg.run_dirs) if cfg.run_dirs else [cfg.run_dir]
     try:
         summary = run_report(run_dirs, cfg.out_dir, OmegaConf.to_container(cfg.bootstrap),
-                             OmegaConf.to_container(cfg.wandb))
+                             OmegaConf.to_container(cfg.wandb), OmegaConf.to_container(cfg.figures))
     except (EvaluationError, runfolder.RunFolderError) as err:
         raise SystemExit(f"report: {err}") from None
     print(f"report: {', '.join(summary['files'])}\n  in {cfg.out_dir}"

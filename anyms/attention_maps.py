@@ -1,0 +1,309 @@
+"""Attention maps: where each subject's image tokens act, per layer and step (the paper's Fig. 7).
+
+An opt-in recorder (``record_attention=true``). While one image is generated it wraps every
+cross-attention processor of the UNet in a :class:`RecordingProcessor` that first calls the wrapped
+processor unchanged (so the image is byte-identical with or without recording) and then, at the chosen
+grids and steps, computes from the same inputs, for the conditional branch of classifier-free guidance:
+
+- **image**: per subject j and query, the attention probability the query gives to subject j's tokens,
+  summed over those tokens and averaged over heads, in the image attention the method actually computes:
+  - AnyMS modes (``fused``, ``crop_merge``, ``masked_sum``, ``sum``): subject j has its own softmax, which
+    sums to 1 over its tokens; the query gets it only where the mode lets it see subject j (owned tokens
+    for the full method, the box for ``masked_sum``, everywhere for ``sum``), else 0; ``none``: 0;
+  - diffusers' stock IP-Adapter (``ip_adapter_joint``): subject j's share of the one softmax over all
+    subjects' tokens;
+  - MS-Diffusion: subject j's share of its masked softmax over the dummy and all subjects' tokens, 0 for
+    queries outside every box (where MS-Diffusion zeroes the image term);
+- **text**: per subject, the text stream's probability on the tokens of the subject's phrase inside the
+  prompt (found by tokenizing both), summed over those tokens and averaged over heads.
+
+Maps are averaged over the layers of a grid and the recorded steps, kept per grid, and combined on the
+finest recorded grid (bilinear, mean over grids). The arrays and their names are the run folder's format
+(:mod:`runfolder.attention_maps`); "attention in box" is computed from them by the evaluation wing.
+With recording off nothing is wrapped: no cost.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+
+from anyms.layout import Layout, grid_for, grid_levels
+from runfolder.attention_maps import grid_key
+
+DEFAULT_LEVELS = (2, 4)  # the latent's 1/2 and 1/4: SDXL's two cross-attention resolutions
+
+
+@dataclass(frozen=True)
+class AttentionMapSettings:
+    """Which cross-attention layers and steps are recorded.
+
+    levels: the grids by their downsampling factor from the latent (1 = the latent's own size, 2 = half,
+    4 = a quarter, ...; powers of 2, as SD's UNet levels); steps: denoising step indices (0 = the first),
+    ``None`` for every step.
+    """
+
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+    steps: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        levels = tuple(self.levels)
+        if not levels:
+            raise ValueError("attention_maps.levels is empty; give downsampling factors such as [2, 4]")
+        for f in levels:
+            if not isinstance(f, int) or isinstance(f, bool) or f < 1 or f & (f - 1):
+                raise ValueError(f"attention_maps.levels: {f!r} is not a power of 2 (1, 2, 4, 8, ...); "
+                                 "give the grids as downsampling factors from the latent")
+        object.__setattr__(self, "levels", levels)
+        if self.steps is not None:
+            steps = tuple(self.steps)
+            if not steps or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in steps):
+                raise ValueError(f"attention_maps.steps must be null (every step) or step indices >= 0, got {self.steps!r}")
+            object.__setattr__(self, "steps", steps)
+
+    def check_steps(self, num_steps: int) -> None:
+        if self.steps is not None and max(self.steps) >= num_steps:
+            raise ValueError(f"attention_maps.steps {list(self.steps)}: generation has {num_steps} steps "
+                             f"(indices 0..{num_steps - 1}); drop the larger ones or set attention_maps.steps=null")
+
+    def grids(self, latent_hw: tuple[int, int], cross_attention_grids: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The recorded grids, finest first: the chosen levels at which the model has cross-attention.
+        An error naming the model's levels when none of the chosen ones has any."""
+        levels = grid_levels(latent_hw)
+        available = set(map(tuple, cross_attention_grids))
+        chosen = {levels[int(math.log2(f))] for f in self.levels if int(math.log2(f)) < len(levels)}
+        grids = sorted(chosen & available, key=lambda hw: -hw[0] * hw[1])
+        if not grids:
+            factors = sorted(2**i for i, hw in enumerate(levels) if hw in available)
+            raise ValueError(f"attention_maps.levels {list(self.levels)}: this model has cross-attention only at "
+                             f"downsampling factors {factors} of its {latent_hw[0]}x{latent_hw[1]} latent; choose among them")
+        return grids
+
+
+def phrase_token_positions(tokenizer, prompt: str, phrase: str) -> list[int]:
+    """Positions of the phrase's tokens in the tokenized prompt (special tokens counted, as the text
+    encoder sees them): the first place the whole phrase occurs, else every prompt token that is one of the
+    phrase's tokens, else none."""
+    prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
+                           truncation=True).input_ids
+    phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+    n = len(phrase_ids)
+    for start in range(len(prompt_ids) - n + 1):
+        if n and prompt_ids[start:start + n] == phrase_ids:
+            return list(range(start, start + n))
+    special = set(tokenizer.all_special_ids)
+    return [i for i, t in enumerate(prompt_ids) if t in set(phrase_ids) and t not in special]
+
+
+class AttentionRecorder:
+    """Accumulates the maps of one image. Made by the pipeline for each call (see :meth:`attached`)."""
+
+    def __init__(self, settings: AttentionMapSettings, layout: Layout, grids: Sequence[tuple[int, int]],
+                 latent_hw: tuple[int, int], phrase_positions: Sequence[Sequence[int]], cfg: bool):
+        self.settings, self.layout, self.latent_hw = settings, layout, tuple(latent_hw)
+        self.grids = [tuple(g) for g in grids]
+        self.phrase_positions = [list(p) for p in phrase_positions]
+        self.cfg = cfg
+        self.step = -1  # the UNet's forward pre-hook counts the steps
+        self.method = ""
+        self._sums: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._layers: dict[tuple[int, int], set[str]] = {g: set() for g in self.grids}
+        self._calls: dict[tuple[int, int], int] = {g: 0 for g in self.grids}
+        self._steps: set[int] = set()
+        for j, (s, pos) in enumerate(zip(layout, self.phrase_positions)):
+            if not pos:
+                warnings.warn(f"attention maps: the phrase {s.phrase!r} of subject {s.name!r} is not in the prompt's "
+                              "tokens; its text map is zero", stacklevel=2)
+
+    def wants(self, grid: tuple[int, int]) -> bool:
+        steps = self.settings.steps
+        return tuple(grid) in self._calls and (steps is None or self.step in steps)
+
+    def cond_rows(self, batch: int) -> slice:
+        """The conditional rows of the batch: diffusers puts the negative half first under CFG."""
+        return slice(batch // 2, batch) if self.cfg else slice(0, batch)
+
+    def add(self, layer: str, grid: tuple[int, int], image: torch.Tensor, text: torch.Tensor) -> None:
+        """``image``, ``text``: ``[n, L]`` maps of one layer call, already averaged over heads and rows."""
+        grid = tuple(grid)
+        sums = self._sums.setdefault(grid, {"image": torch.zeros_like(image, dtype=torch.float64),
+                                            "text": torch.zeros_like(text, dtype=torch.float64)})
+        sums["image"] += image.double()
+        sums["text"] += text.double()
+        self._calls[grid] += 1
+        self._layers[grid].add(layer)
+        self._steps.add(self.step)
+
+    def _next_step(self, module, args):
+        self.step += 1
+
+    @contextmanager
+    def attached(self, unet, method: str) -> Iterator["AttentionRecorder"]:
+        """Wraps every cross-attention processor of ``unet`` for the duration of one generation call, counts
+        the UNet's calls as steps, and puts the original processors back afterwards."""
+        self.method = method
+        original = dict(unet.attn_processors)
+        wrapped = {name: (RecordingProcessor(p, self, name[: -len(".processor")]) if name.endswith("attn2.processor") else p)
+                   for name, p in original.items()}
+        unet.set_attn_processor(wrapped)
+        handle = unet.register_forward_pre_hook(self._next_step)
+        try:
+            yield self
+        finally:
+            handle.remove()
+            unet.set_attn_processor(dict(original))
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The arrays of :mod:`runfolder.attention_maps`: per recorded grid the mean maps and the box masks,
+        and both combined on the finest grid."""
+        missing = [grid_key(*g) for g in self.grids if not self._calls[g]]
+        if missing:
+            raise RuntimeError(f"attention maps: no cross-attention call was recorded at grid(s) {missing}")
+        out: dict[str, np.ndarray] = {
+            "subjects": np.array(self.layout.names),
+            "phrases": np.array([s.phrase for s in self.layout]),
+            "grids": np.array(self.grids, dtype=np.int64),
+            "steps": np.array(sorted(self._steps), dtype=np.int64),
+            "method": np.array(self.method),
+            "phrase_found": np.array([bool(p) for p in self.phrase_positions]),
+        }
+        fine = self.grids[0]
+        combined = {"image": [], "text": []}
+        for g in self.grids:
+            h, w = g
+            key = grid_key(h, w)
+            out[f"layers_{key}"] = np.array(sorted(self._layers[g]))
+            out[f"box_{key}"] = self.layout.box_masks(h, w).numpy()
+            for stream in ("image", "text"):
+                mean = (self._sums[g][stream] / self._calls[g]).float().view(-1, h, w)
+                out[f"{stream}_{key}"] = mean.numpy()
+                up = mean if g == fine else F.interpolate(mean[None], size=fine, mode="bilinear", align_corners=False)[0]
+                combined[stream].append(up)
+        for stream, maps in combined.items():
+            out[stream] = torch.stack(maps).mean(0).numpy()
+        return out
+
+
+class RecordingProcessor(torch.nn.Module):
+    """Calls the wrapped cross-attention processor unchanged, then records its maps (see the module)."""
+
+    def __init__(self, inner, recorder: AttentionRecorder, layer: str):
+        super().__init__()
+        if isinstance(inner, torch.nn.Module):
+            self.inner = inner
+        else:
+            object.__setattr__(self, "inner", inner)
+        object.__setattr__(self, "recorder", recorder)
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+        out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                         attention_mask=attention_mask, temb=temb)
+        with torch.no_grad():
+            self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return out
+
+    def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> None:
+        rec = self.recorder
+        spatial_hw = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else None
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if hidden_states.ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        grid = spatial_hw or grid_for(hidden_states.shape[1], rec.latent_hw)
+        if not rec.wants(grid):
+            return
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        text, image_input = split_encoder_states(self.inner, encoder_hidden_states)
+        batch = hidden_states.shape[0]
+        heads = attn.heads
+
+        def split_heads(t):  # [B, len, H*D] -> [B, H, len, D]
+            return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+        rows = rec.cond_rows(batch)
+        query = split_heads(attn.to_q(hidden_states))[rows].float()
+        if attn.norm_cross:
+            text = attn.norm_encoder_hidden_states(text)
+        text_keys = split_heads(attn.to_k(text))[rows].float()
+        logits = query @ text_keys.transpose(-1, -2) * attn.scale
+        if attention_mask is not None:
+            mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
+            logits = logits + mask.view(batch, heads, -1, mask.shape[-1])[rows].float()
+        text_probs = logits.softmax(-1)  # [B, H, L, text tokens]
+        text_map = torch.stack([text_probs[..., pos].sum(-1) if pos else text_probs.new_zeros(text_probs.shape[:-1])
+                                for pos in rec.phrase_positions])  # [n, B, H, L]
+        image_map = subject_image_weights(self.inner, attn, query, image_input, rec.layout, grid, rows, split_heads)
+        rec.add(self.layer, grid, image_map.mean(dim=(1, 2)), text_map.mean(dim=(1, 2)))
+
+
+def split_encoder_states(processor, encoder_hidden_states):
+    """``(text tokens, image input)`` as the processor receives them: diffusers' IP-Adapter processors get
+    ``(text, [image embeddings])``; MS-Diffusion's get the text followed by its image tokens."""
+    from anyms.ms_diffusion import MSDiffusionAttnProcessor
+
+    if isinstance(processor, MSDiffusionAttnProcessor):
+        n_image = processor.state.num_image_tokens
+        return encoder_hidden_states[:, :-n_image], encoder_hidden_states[:, -n_image:]
+    if isinstance(encoder_hidden_states, tuple):
+        text, images = encoder_hidden_states
+        return text, images
+    return encoder_hidden_states, None
+
+
+def subject_image_weights(processor, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
+    """``[n, B, H, L]``: per subject, the probability each query gives its tokens in the image attention
+    ``processor`` computes (see the module's docstring), for the batch rows ``rows``."""
+    from anyms.attention import AnyMSAttnProcessor
+    from anyms.ms_diffusion import MSDiffusionAttnProcessor, ms_attention_bias
+
+    n = len(layout)
+    B, H, L, _ = query.shape
+    zeros = query.new_zeros(n, B, H, L)
+    if image_input is None:
+        return zeros
+    if isinstance(processor, MSDiffusionAttnProcessor):
+        state = processor.state
+        keys = split_heads(processor.to_k_ip(image_input))[rows].float()
+        grounded = list(state.grounded) if state.grounded is not None else [True] * image_input.shape[0]
+        grounded_rows = torch.tensor(grounded, dtype=torch.bool, device=query.device)[rows]
+        masks = layout.box_masks(*grid).flatten(1).to(query.device)[None] & grounded_rows[:, None, None]
+        bias, inside = ms_attention_bias(masks, state.num_tokens, state.num_dummy_tokens)
+        probs = (query @ keys.transpose(-1, -2) * attn.scale + bias[:, None]).softmax(-1)
+        probs = probs * inside[:, None, :, None]  # MS-Diffusion zeroes the image term outside every box
+        subjects = probs[..., state.num_dummy_tokens:].unflatten(-1, (n, state.num_tokens)).sum(-1)  # [B, H, L, n]
+        return subjects.permute(3, 0, 1, 2)
+    if not isinstance(processor, IPAdapterAttnProcessor2_0):
+        return zeros
+    embeds = image_input[0]
+    if embeds.ndim == 3:
+        embeds = embeds[:, None]
+    T = embeds.shape[2]
+    keys = split_heads(processor.to_k_ip[0](embeds.flatten(1, 2)))[rows].float()  # [B, H, n*T, D]
+    logits = query @ keys.transpose(-1, -2) * attn.scale
+    if not isinstance(processor, AnyMSAttnProcessor):  # diffusers' stock processor: one joint softmax
+        return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
+    mode = processor.state.mode
+    if mode == "none":
+        return zeros
+    if mode == "joint":
+        return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
+    per_subject = logits.unflatten(-1, (n, T)).softmax(-1).sum(-1).permute(3, 0, 1, 2)  # [n, B, H, L], ~1
+    if mode in ("fused", "crop_merge"):
+        owner = layout.owner_map(*grid).flatten().to(query.device)
+        sees = torch.stack([owner == j for j in range(n)])
+    elif mode == "masked_sum":
+        sees = layout.box_masks(*grid).flatten(1).to(query.device)
+    else:  # sum: every query sees every subject
+        sees = torch.ones(n, L, dtype=torch.bool, device=query.device)
+    return per_subject * sees[:, None, None, :]
