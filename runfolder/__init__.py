@@ -153,11 +153,20 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+@lru_cache(maxsize=1)
+def _umask() -> int:
+    """The process's umask, read once (reading it means setting it; once, before any writer threads)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_png(image, path: str | os.PathLike) -> Path:

@@ -188,6 +188,9 @@ def test_generate_with_record_attention_then_evaluate_and_report_draw_the_maps(t
         summary = run_generation(make_cfg(run, f"method={method}", *common, "record_attention=true", tiny_root=tiny_root))
         assert summary.generated == [f"images/{method}/c02/0.png"]  # the image lacked maps: made again
     assert (run / "images/anyms/c02/0.png").read_bytes() == png  # ... with the same bytes
+    umask = runfolder._umask()
+    for written in ("images/anyms/c02/0.png", "images/anyms/c02/0.attention.npz"):  # not mkstemp's 0600
+        assert (run / written).stat().st_mode & 0o777 == 0o666 & ~umask, written
     again = run_generation(make_cfg(run, "method=anyms", *common, "record_attention=true", tiny_root=tiny_root))
     assert again.skipped == 1 and not again.generated
     records = runfolder.read_records(run)
