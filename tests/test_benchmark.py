@@ -98,7 +98,7 @@ def test_two_submitit_shards_equal_one_process_image_for_image_and_table_for_tab
 def test_make_benchmark_tiny_profile_end_to_end(tmp_path):
     run = tmp_path / "anyms11-tiny"
     out = subprocess.run(["make", "-s", "benchmark", "PROFILE=tiny", f"B_RUN={run}", f"ANYMS_DATA_ROOT={DATA}",
-                          f"ARGS=wandb=disabled progress=false"], cwd=REPO, capture_output=True, text=True, timeout=3000)
+                          "ARGS=wandb=disabled progress=false"], cwd=REPO, capture_output=True, text=True, timeout=3000)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     table1 = pd.read_csv(run / "report" / "table1.csv")
     assert sorted(table1["method"]) == sorted(["anyms", "anyms_literal", "wo_crop_merge", "wo_local",
