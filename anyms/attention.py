@@ -222,6 +222,10 @@ class AnyMSState:
     latent_hw: tuple[int, int] | None = None
     mode: str = "fused"
     scales: Sequence[float] | None = None  # None: each Subject.scale
+    # keep each layer's projected subject tokens between the steps of a call (see AnyMSAttnProcessor._project):
+    # a little faster, but it holds n x T keys and values per layer (16-18 MiB for 5 subjects on SD1.5), so
+    # off by default: memory as the stock IP-Adapter's
+    reuse_projected_tokens: bool = False
 
 
 class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
@@ -348,10 +352,14 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         """Every subject's tokens through the adapter's key and value projections, one matmul each, as
         ``[B, H, n*T, D]`` (subject j: tokens ``j*T .. (j+1)*T``).
 
-        They depend on the image embeddings only, which stay the same over the denoising steps of a call
-        (the UNet recomputes them every step, to the same values): the last ones are kept and reused while
-        the embeddings are equal (by value) and the weights unchanged, so n subjects cost n projections per
-        call, not per step. Never while autograd records."""
+        With ``state.reuse_projected_tokens``: they depend on the image embeddings only, which stay the same
+        over the denoising steps of a call (the UNet recomputes them every step, to the same values), so the
+        last ones are kept and reused while the embeddings are equal (by value) and the weights unchanged:
+        n subjects cost n projections per call, not per step. Never while autograd records."""
+        if not self.state.reuse_projected_tokens:
+            self._projected_tokens = None
+            return (self._heads(self.to_k_ip[0](embeds), heads, head_dim),
+                    self._heads(self.to_v_ip[0](embeds), heads, head_dim))
         weights = _identity(self.to_k_ip[0].weight, self.to_v_ip[0].weight)
         kept = self._projected_tokens
         if kept is not None and not torch.is_grad_enabled() and kept[1] == weights and _equal(kept[0], embeds):
@@ -391,12 +399,12 @@ def _identity(*weights: torch.Tensor) -> tuple | None:
 
 
 def install(unet, mode: str = "fused", layout: Layout | None = None,
-            latent_hw: tuple[int, int] | None = None) -> AnyMSState:
+            latent_hw: tuple[int, int] | None = None, reuse_projected_tokens: bool = False) -> AnyMSState:
     """Puts AnyMS processors on every cross-attention layer that has an IP-Adapter processor; other
     layers (self-attention) keep theirs. Returns the state the pipeline sets before each call."""
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; use one of {MODES}")
-    state = AnyMSState(layout=layout, latent_hw=latent_hw, mode=mode)
+    state = AnyMSState(layout=layout, latent_hw=latent_hw, mode=mode, reuse_projected_tokens=reuse_projected_tokens)
     processors, swapped = {}, 0
     for name, proc in unet.attn_processors.items():
         if isinstance(proc, AnyMSAttnProcessor):

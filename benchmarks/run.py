@@ -210,16 +210,17 @@ def markdown(results: dict) -> str:
 def _attention_summary_markdown(summary: list[dict]) -> str:
     lines = ["Cost per added subject, `(t(n_max) - t(n_min)) / ((n_max - n_min) t(n_min))` from paired rounds, here "
              "n from 2 to 7 (text-only does not depend on n: its value is the noise of the measurement):", "",
-             "| level | fused | fused, first step | stock joint | text only |", "|---|---|---|---|---|"]
+             "| level | fused | fused, tokens reused | stock joint | text only |", "|---|---|---|---|---|"]
     for s in summary:
         def pct(v):
             return "-" if v is None else f"{100 * v:.1f}%"
-        lines.append(f"| {s['level']} | {pct(s['per_subject_fused'])} | {pct(s['per_subject_fused_step1'])} | "
+        lines.append(f"| {s['level']} | {pct(s['per_subject_fused'])} | {pct(s['per_subject_fused_reuse'])} | "
                      f"{pct(s['per_subject_stock'])} | {pct(s['per_subject_text_only'])} |")
-    first = ", ".join(f"{s['level']} {s['fused_step1_to_stock_max']:.3f}" for s in summary
-                      if s.get("fused_step1_to_stock_max") is not None)
-    if first:
-        lines += ["", f"Fused in the first step of a call (the subjects' tokens projected afresh) / stock joint, worst n: {first}."]
+    reuse = ", ".join(f"{s['level']} {s['fused_reuse_to_stock_max']:.3f}" for s in summary
+                      if s.get("fused_reuse_to_stock_max") is not None)
+    if reuse:
+        lines += ["", "Fused with `reuse_projected_tokens` (each layer keeps the subjects' projected tokens between "
+                  f"steps; off by default, as it holds them in memory) / stock joint, worst n: {reuse}."]
     return "\n".join(lines)
 
 

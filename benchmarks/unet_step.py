@@ -9,8 +9,8 @@ memory: the work does not depend on the values. fp32 on the CPU, fp16 on CUDA.
 Time: one worker process builds the model once and alternates the variants' processors between steps
 (A B, B A, ... after a warm-up step each): the same weights and inputs, so two steps differ only in the
 cross-attention processors, and load changes hit both. The ratio is the median of the paired per-round
-ratios. Each variant keeps its processor objects, so AnyMS's reuse of the projected image tokens between
-steps works as in steps 2 to 30 of a generation.
+ratios. AnyMS is installed as by default (``reuse_projected_tokens`` off: the subjects' tokens projected in
+every step, as the stock processor does); each variant keeps its processor objects between steps.
 
 Activation memory: each variant in a worker process of its own, started with glibc set to map every
 allocation of 64 KiB or more on its own and unmap it when freed (``MALLOC_MMAP_THRESHOLD_``), so that RSS

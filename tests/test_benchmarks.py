@@ -42,8 +42,9 @@ def test_attention_benchmark_variants_compute_what_they_claim():
 
 
 def test_reused_projected_tokens_never_change_the_result():
-    """AnyMS reuses the subjects' projected tokens between calls with equal image embeddings (the steps of a
-    generation, which the benchmarks time): the result is always that of tokens projected afresh."""
+    """With ``reuse_projected_tokens`` AnyMS reuses the subjects' projected tokens between calls with equal
+    image embeddings (the steps of a generation): the result is always that of tokens projected afresh, and
+    by default nothing is kept (memory as the stock processor's)."""
     from anyms.attention import AnyMSAttnProcessor, AnyMSState
 
     layer = attention.Layer(attention.SMOKE_LEVELS["8x8"])
@@ -56,8 +57,13 @@ def test_reused_projected_tokens_never_change_the_result():
         with torch.inference_mode():
             return proc(layer.attn, layer.hidden, encoder_hidden_states=(layer.text, [image]))
 
-    proc, image = fresh(), layer.image_embeds(3)
+    image = layer.image_embeds(3)
+    default = fresh()
+    call(default, image)
+    assert default._projected_tokens is None  # the default keeps nothing between calls
+    proc = AnyMSAttnProcessor(layer.stock, AnyMSState(layout=layout, latent_hw=(16, 16), reuse_projected_tokens=True))
     first = call(proc, image)
+    torch.testing.assert_close(first, call(default, image), rtol=0, atol=0)
     kept = proc._projected_tokens
     assert kept is not None
     torch.testing.assert_close(call(proc, image.clone()), first, rtol=0, atol=0)  # equal values: reused
