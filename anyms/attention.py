@@ -356,18 +356,14 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         over the denoising steps of a call (the UNet recomputes them every step, to the same values), so the
         last ones are kept and reused while the embeddings are equal (by value) and the weights unchanged:
         n subjects cost n projections per call, not per step. Never while autograd records."""
-        if not self.state.reuse_projected_tokens:
-            self._projected_tokens = None
-            return (self._heads(self.to_k_ip[0](embeds), heads, head_dim),
-                    self._heads(self.to_v_ip[0](embeds), heads, head_dim))
-        weights = _identity(self.to_k_ip[0].weight, self.to_v_ip[0].weight)
+        reuse = self.state.reuse_projected_tokens and not torch.is_grad_enabled()
+        weights = _identity(self.to_k_ip[0].weight, self.to_v_ip[0].weight) if reuse else None
         kept = self._projected_tokens
-        if kept is not None and not torch.is_grad_enabled() and kept[1] == weights and _equal(kept[0], embeds):
+        if reuse and kept is not None and kept[1] == weights and _equal(kept[0], embeds):
             return kept[2], kept[3]
         keys = self._heads(self.to_k_ip[0](embeds), heads, head_dim)
         values = self._heads(self.to_v_ip[0](embeds), heads, head_dim)
-        keep = weights is not None and not torch.is_grad_enabled()
-        self._projected_tokens = (embeds, weights, keys, values) if keep else None
+        self._projected_tokens = (embeds, weights, keys, values) if reuse and weights is not None else None
         return keys, values
 
     @staticmethod

@@ -38,14 +38,14 @@ def in_box_share(maps: dict, stream: str) -> np.ndarray:
     return np.mean(np.stack(shares), axis=0) if len(shares) else np.array([])
 
 
-def attention_rows(records: Sequence[dict], run_dir_of) -> pd.DataFrame:
+def attention_rows(record_runs: Sequence[tuple[dict, object]]) -> pd.DataFrame:
     """One row per (image, subject) of every record with attention maps: the in-box shares of both streams.
-    ``run_dir_of(record)`` gives the record's run folder."""
+    ``record_runs``: (record, its run folder) pairs."""
     rows = []
-    for r in records:
+    for r, run_dir in record_runs:
         if not r.get("attention_maps"):
             continue
-        maps = load_attention_maps(Path(run_dir_of(r)) / r["attention_maps"], n_subjects=len(r["subjects"]))
+        maps = load_attention_maps(Path(run_dir) / r["attention_maps"], n_subjects=len(r["subjects"]))
         shares = {s: in_box_share(maps, s) for s in STREAMS}
         for j, subject in enumerate(r["subjects"]):
             rows.append({"method": r["method"], "combination": r["combination"], "seed": r["seed"],
@@ -141,23 +141,25 @@ def combination_figure(entries: Sequence[tuple[object, dict, dict]], path, banne
     plt.close(fig)
 
 
-def write_attention_figures(records: Sequence[dict], run_dir_of, out_dir, limit: int, banner: str = "") -> list[Path]:
+def write_attention_figures(record_runs: Sequence[tuple[dict, object]], out_dir, limit: int,
+                            banner: str = "") -> list[Path]:
     """For up to ``limit`` (combination, seed) pairs with maps (the first seed of each combination first):
-    one figure per method's image and one across methods. Returns the files written."""
+    one figure per method's image and one across methods. ``record_runs``: (record, its run folder) pairs.
+    Returns the files written."""
     from PIL import Image
 
     import runfolder
 
-    with_maps = [r for r in records if r.get("attention_maps")]
-    pairs: dict[tuple, list[dict]] = {}
-    for r in sorted(with_maps, key=lambda r: (r["seed"], r["combination"], r["method"])):
-        pairs.setdefault((r["combination"], r["seed"]), []).append(r)
+    with_maps = [(r, d) for r, d in record_runs if r.get("attention_maps")]
+    pairs: dict[tuple, list[tuple[dict, object]]] = {}
+    for r, d in sorted(with_maps, key=lambda rd: (rd[0]["seed"], rd[0]["combination"], rd[0]["method"])):
+        pairs.setdefault((r["combination"], r["seed"]), []).append((r, d))
     out_dir = Path(out_dir)
     written = []
     for (combo, seed), group in list(pairs.items())[: max(int(limit), 0)]:
         entries = []
-        for r in group:
-            run_dir = Path(run_dir_of(r))
+        for r, d in group:
+            run_dir = Path(d)
             image = Image.open(run_dir / r["image"])
             maps = load_attention_maps(run_dir / r["attention_maps"], n_subjects=len(r["subjects"]))
             entries.append((image, r, maps))

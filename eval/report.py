@@ -245,7 +245,7 @@ def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> N
 
 # --- the report stage ---------------------------------------------------------------------------------
 
-def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict]:
     import json
     from pathlib import Path
 
@@ -257,7 +257,7 @@ def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     if metrics.empty:
         raise EvaluationError(f"{run_dir / METRICS_FILE}: missing or empty; run evaluate on {run_dir} first")
     detections = read_table(run_dir / DETECTIONS_FILE)
-    records = pd.DataFrame(runfolder.read_records(run_dir))
+    records = runfolder.read_records(run_dir)
     config_path = run_dir / EVAL_CONFIG_FILE
     eval_config = json.loads(config_path.read_text()) if config_path.exists() else {}
     return metrics, detections, records, eval_config
@@ -343,7 +343,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
                 )
     metrics = pd.concat([r[0] for r in runs], ignore_index=True)
     detections = pd.concat([r[1] for r in runs], ignore_index=True)
-    records = pd.concat([r[2] for r in runs], ignore_index=True)
+    records = pd.DataFrame([rec for r in runs for rec in r[2]])
+    record_runs = [(rec, d) for r, d in zip(runs, run_dirs) for rec in r[2]]  # (record, its run folder)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, tiny = models_header(records, [r[3] for r in runs])
@@ -371,17 +372,15 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     table1_columns = TABLE1_BY_BENCHMARK.get(benchmark, TABLE1)
     table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True)
     # attention in box, from the attention maps of the images that have them (record_attention=true)
-    raw_records = [(r, d) for d in run_dirs for r in runfolder.read_records(d)]
-    run_of = {id(r): d for r, d in raw_records}
-    attention = attention_rows([r for r, _ in raw_records], lambda r: run_of[id(r)])
+    attention = attention_rows(record_runs)
     attention_columns = []
     if len(attention):
         attn = attention_table(attention, samples, seed)
         table1 = table1.merge(attn.drop(columns=["n_images"]), on="method", how="left")
         attention_columns = ATTENTION_COLUMNS
         write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
-        write_attention_figures([r for r, _ in raw_records], lambda r: run_of[id(r)], out / "attention",
-                                int(figures.get("attention", 4)), "TINY RANDOM MODELS - " if tiny else "")
+        write_attention_figures(record_runs, out / "attention", int(figures.get("attention", 4)),
+                                "TINY RANDOM MODELS - " if tiny else "")
     write_table("table1", table1, table1_columns + attention_columns + ["time_s", "memory_gib"],
                 "Table 1: layout, identity and text metrics per method")
     # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
