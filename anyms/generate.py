@@ -152,7 +152,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention),
                           record=record)
         runfolder.save_png(result.image, run_dir / rel)
-        maps = {}
+        maps = {"image_sha256": file_digest(run_dir / rel)}
         if result.attention_maps is not None:
             maps["attention_maps"] = attention_maps_path(rel)
             save_attention_maps(result.attention_maps, run_dir / maps["attention_maps"])

@@ -64,7 +64,7 @@ def import_images(source: str | Path, method: str, benchmark, data_root, run_dir
             rel = runfolder.image_path(method, combo.id, seed)
             runfolder.save_png(image, run_dir / rel)
             runfolder.append_record(records, {
-                "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
+                "image": rel, "image_sha256": runfolder.file_digest(run_dir / rel), "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
                 "n_subjects": len(combo.layout), "width": image.width, "height": image.height,
                 "subjects": [{"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box),
                               "scale": s.scale, "references": [str(p) for p in refs]}
