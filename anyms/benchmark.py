@@ -36,6 +36,8 @@ class Combination:
 def parse_seeds(spec: Any, where: str = "benchmark.seeds") -> list[int]:
     """A list of integers, a single integer, or ``"a-b"`` (inclusive)."""
     if isinstance(spec, int) and not isinstance(spec, bool):
+        if spec < 0:
+            raise BenchmarkConfigError(f"{where}: seeds must be non-negative integers, got {spec}")
         return [spec]
     if isinstance(spec, str):
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec)
@@ -43,6 +45,8 @@ def parse_seeds(spec: Any, where: str = "benchmark.seeds") -> list[int]:
             raise BenchmarkConfigError(f"{where}: {spec!r} is not 'a-b' with a <= b (e.g. 0-99)")
         return list(range(int(m.group(1)), int(m.group(2)) + 1))
     try:
+        if isinstance(spec, (bool, float)) or any(isinstance(s, (bool, float)) for s in spec):
+            raise TypeError
         seeds = [int(s) for s in spec]
     except (TypeError, ValueError):
         raise BenchmarkConfigError(f"{where}: give a list of integers or 'a-b', got {spec!r}") from None

@@ -8,6 +8,7 @@ the same config hash, writes PNGs atomically and one record line per image, spli
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,9 @@ from anyms.benchmark import Combination, load_combinations, parse_seeds
 from anyms.pipeline import GenerationSettings, ModelLoadError
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
+from runfolder.lock import writer_lock
 from runfolder.pictures import contact_sheet
+from runfolder.references import check_references, load_reference
 
 log = logging.getLogger(__name__)
 SHEET_NAME = "contact_sheet.png"
@@ -45,18 +48,50 @@ def method_pipeline(method_cfg: DictConfig | None) -> str:
     return str(method_cfg.get("pipeline") or "anyms") if method_cfg is not None else "anyms"
 
 
+class GenerationConfigError(ValueError):
+    """A generation setting that cannot run; the one-line message names the field and the fix. Raised before
+    any model loads."""
+
+
+def runtime_identity(model_cfg: DictConfig) -> dict:
+    """What of the machine decides the bytes, resolved: the device type, the dtype (``auto`` is fp16 on CUDA
+    and fp32 elsewhere, so it is hashed as what it becomes) and, on the CPU, the number of torch threads
+    (CPU kernels split reductions by thread: 1 vs 2 threads change pixels)."""
+    import torch
+
+    from anyms.models import resolve_device, resolve_dtype
+
+    try:
+        device = resolve_device(str(model_cfg.get("device") or "auto"))
+    except RuntimeError as err:
+        raise GenerationConfigError(f"model.device: {model_cfg.get('device')!r} is not a device ({err}); use auto, cpu or cuda") from None
+    try:
+        dtype = resolve_dtype(str(model_cfg.get("dtype") or "auto"), device)
+    except ValueError as err:
+        raise GenerationConfigError(str(err)) from None
+    out = {"device_type": device.type, "dtype": str(dtype).replace("torch.", "")}
+    if device.type == "cpu":
+        threads = model_cfg.get("torch_threads")
+        out["torch_threads"] = int(threads) if threads else int(torch.get_num_threads())
+    return out
+
+
 def model_identity(model_cfg: DictConfig, method_cfg: DictConfig | None = None) -> dict:
     """What of the model config determines the images: ids and settings, not where a cache lives; of the
-    adapters (``ip_adapter``, ``ms_diffusion``) only the one the method uses."""
+    adapters (``ip_adapter``, ``ms_diffusion``) only the one the method uses; device type, dtype and threads
+    as they resolve on this machine (:func:`runtime_identity`)."""
     unused = "ip_adapter" if method_pipeline(method_cfg) == "ms_diffusion" else "ms_diffusion"
-    return runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads", unused))
+    identity = runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads", unused))
+    identity.update(runtime_identity(model_cfg))
+    return identity
 
 
-def image_config_hash(cfg: DictConfig, combo: Combination, seed: int) -> str:
-    """Hash of everything that decides one image: model, method, generation settings, the combination's
-    definition, the adapter's reference image content, the seed. Not run_dir, hydra.* or shard."""
+def image_config_hash(cfg: DictConfig, combo: Combination, seed: int, model_ids: dict | None = None) -> str:
+    """Hash of everything that decides one image: model (resolved dtype, device type, threads), method,
+    generation settings, the combination's definition, the adapter's reference image content, the seed.
+    Not run_dir, hydra.* or shard."""
     return runfolder.config_hash({
-        "model": model_identity(cfg.model, cfg.method),
+        "model": model_ids if model_ids is not None else model_identity(cfg.model, cfg.method),
         "method": OmegaConf.to_container(cfg.method, resolve=True),
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "combination": combo.definition,
@@ -65,14 +100,78 @@ def image_config_hash(cfg: DictConfig, combo: Combination, seed: int) -> str:
     })
 
 
+def _number(cfg: DictConfig, key: str, kind, where: str, optional: bool = False):
+    value = cfg.get(key)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or value is None:
+        raise GenerationConfigError(f"{where}.{key}: expected {kind.__name__ if kind is not float else 'a number'}, got {value!r}")
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise GenerationConfigError(f"{where}.{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    if kind is int and isinstance(value, float) and value != number:
+        raise GenerationConfigError(f"{where}.{key}: expected an integer, got {value!r}")
+    return number
+
+
 def generation_settings(cfg: DictConfig) -> GenerationSettings:
-    g = cfg.generation
-    return GenerationSettings(
-        steps=int(g.steps), guidance_scale=float(g.guidance_scale), negative_prompt=str(g.negative_prompt),
-        height=g.height, width=g.width, adapter_scale=float(cfg.method.adapter_scale),
-        full_frame_adapter_scale=(None if cfg.method.get("full_frame_adapter_scale") is None
-                                  else float(cfg.method.full_frame_adapter_scale)),
-    )
+    """The generation and method settings, each checked with a message naming its field."""
+    g, m = cfg.generation, cfg.method
+    steps = _number(g, "steps", int, "generation")
+    if steps < 1:
+        raise GenerationConfigError(f"generation.steps: must be >= 1, got {steps}")
+    guidance = _number(g, "guidance_scale", float, "generation")
+    sides = {}
+    for side in ("height", "width"):
+        v = _number(g, side, int, "generation", optional=True)
+        if v is not None and (v < 64 or v % 8):
+            raise GenerationConfigError(f"generation.{side}: must be a multiple of 8 (the VAE's factor) and at least "
+                                        f"64, got {v}; or null for the model's size")
+        sides[side] = v
+    negative = g.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise GenerationConfigError(f"generation.negative_prompt: expected a string, got {negative!r}")
+    scale = _number(m, "adapter_scale", float, "method")
+    full = _number(m, "full_frame_adapter_scale", float, "method", optional=True)
+    return GenerationSettings(steps=steps, guidance_scale=guidance, negative_prompt=str(negative or ""),
+                              adapter_scale=scale, full_frame_adapter_scale=full, **sides)
+
+
+def checked_run_dir(run_dir) -> Path:
+    """``run_dir`` as a folder that is or can be made: not a file, not under a file."""
+    path = Path(str(run_dir))
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise GenerationConfigError(f"run_dir: {path} {what}; give a folder (run_dir=runs/NAME)")
+            break
+    return path
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def check_model_paths(model_cfg: DictConfig, method_cfg: DictConfig | None) -> None:
+    """Local paths of the model config must exist (hub ids are left to the loader, which names how to get them).
+    Tiny models are written by the loader itself, so their folders may not exist yet."""
+    if model_cfg.get("tiny"):
+        return
+    adapter = "ms_diffusion" if method_pipeline(method_cfg) == "ms_diffusion" else "ip_adapter"
+    fields = {"pretrained": model_cfg.get("pretrained")}
+    section = model_cfg.get(adapter) or {}
+    for key in (("repo", "image_encoder") if adapter == "ms_diffusion" else ("repo",)):
+        fields[f"{adapter}.{key}"] = section.get(key)
+    for key, value in fields.items():
+        if value is None:
+            continue
+        value = str(value)
+        local = value.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(value)
+        if local and not Path(value).expanduser().exists():
+            raise GenerationConfigError(
+                f"model.{key}: {value} does not exist; point it at the local folder that holds the weights, or give "
+                "a hub id (owner/name)")
 
 
 def attention_map_settings(cfg: DictConfig) -> AttentionMapSettings | None:
@@ -106,18 +205,32 @@ def load_model(model_cfg: DictConfig, method_cfg: DictConfig | None = None):
 
 
 def run_generation(cfg: DictConfig) -> GenerationSummary:
-    # everything that can be wrong with the config fails here, before a model loads
+    # everything that can be wrong with the config or the data fails here, before a model loads or a file is written
     combos = load_combinations(cfg.benchmark, cfg.data_root)
     seeds = parse_seeds(cfg.benchmark.seeds)
     shard = runfolder.parse_shard(cfg.shard)
     settings = generation_settings(cfg)
     record = attention_map_settings(cfg)
     method = str(cfg.method.name)
-    run_dir = Path(cfg.run_dir)
-
+    run_dir = checked_run_dir(cfg.run_dir)
+    check_model_paths(cfg.model, cfg.method)
+    model_ids = model_identity(cfg.model, cfg.method)
     work = [(c, s) for c in combos for s in seeds]
     work = work[shard[0] :: shard[1]]
+    # every reference of the shard's combinations (the adapter's and the evaluator's), decoded and checked once
+    check_references(p for c in {c.id: c for c, _ in work}.values() for refs in c.references for p in refs)
+
+    # one writer per (run folder, method, shard): a second one stops here, naming the first
+    with writer_lock(run_dir, "generate", f"{method}.{shard[0]}-of-{shard[1]}"):
+        return _generate(cfg, run_dir, method, shard, work, seeds, settings, record, model_ids)
+
+
+def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, record, model_ids) -> GenerationSummary:
     summary = GenerationSummary(run_dir, method, planned=len(work))
+    removed = remove_stale_temporary_files(run_dir, method, shard, work)
+    if removed:
+        log.warning("removed %d temporary file(s) left by an interrupted run of %s (shard %d/%d)",
+                    removed, method, *shard)
     runfolder.write_plan(run_dir, method, shard, [runfolder.image_path(method, c.id, s) for c, s in work])
     done = {r["image"]: r for r in runfolder.read_records(run_dir) if r["method"] == method}
 
@@ -131,21 +244,30 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     todo = []
     for combo, seed in work:
         rel = runfolder.image_path(method, combo.id, seed)
-        h = image_config_hash(cfg, combo, seed)
+        h = image_config_hash(cfg, combo, seed, model_ids)
         if finished(rel, h):
             summary.skipped += 1
         else:
             todo.append((combo, seed, rel, h))
     if not todo:
         log.info("nothing to generate: %d image(s) already in %s", summary.skipped, run_dir)
-        return summary
+    else:
+        _generate_images(cfg, run_dir, method, shard, todo, settings, record, model_ids, summary)
+    sheets = []
+    if cfg.contact_sheets:  # also the sheets an interrupted run never drew
+        with writer_lock(run_dir, "sheets", method, wait=True):  # shards of a method share the sheets
+            sheets = [write_contact_sheet(run_dir, method, c, seeds)
+                      for c in {c.id: c for c, _ in work}.values() if contact_sheet_stale(run_dir, method, c, seeds)]
+    if summary.generated:
+        log_to_wandb(cfg, run_dir, method, summary, [s for s in sheets if s is not None])
+    return summary
 
+
+def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, record, model_ids, summary) -> None:
     pipeline = load_model(cfg.model, cfg.method)
     records = runfolder.records_file(run_dir, method, shard)
     prov = runfolder.provenance()
-    model_ids = model_identity(cfg.model, cfg.method)
     start = time.perf_counter()
-    touched: dict[str, Combination] = {}
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
     for n, (combo, seed, rel, h) in enumerate(bar):
         bar.set_postfix_str(f"{combo.id} seed {seed}")
@@ -172,11 +294,20 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
             "created": time.time(),
         })
         summary.generated.append(rel)
-        touched[combo.id] = combo
     summary.seconds = time.perf_counter() - start
-    sheets = [write_contact_sheet(run_dir, method, c, seeds) for c in touched.values()] if cfg.contact_sheets else []
-    log_to_wandb(cfg, run_dir, method, summary, [s for s in sheets if s is not None])
-    return summary
+
+
+def remove_stale_temporary_files(run_dir: Path, method: str, shard, work) -> int:
+    """Deletes what a killed run of this (method, shard) left half-written: temporary PNGs, attention maps and
+    plan files. Only this shard's paths: other shards of the method may be writing theirs right now."""
+    targets = [run_dir / runfolder.PLANS / f"{method}.{shard[0]}-of-{shard[1]}.json"]
+    for combo, seed in work:
+        rel = runfolder.image_path(method, combo.id, seed)
+        targets += [run_dir / rel, run_dir / attention_maps_path(rel)]
+    stale = [t for target in targets for t in runfolder.stale_temporary_files(target)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: GenerationSummary, sheets: list[Path]) -> None:
@@ -204,15 +335,31 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: Generatio
         run.finish()
 
 
+def sheet_path(run_dir: Path, method: str, combo: Combination) -> Path:
+    return run_dir / runfolder.IMAGES / method / combo.id / SHEET_NAME
+
+
+def contact_sheet_stale(run_dir: Path, method: str, combo: Combination, seeds) -> bool:
+    """A sheet to (re)draw: missing while images exist, or older than one of its images."""
+    images = [run_dir / runfolder.image_path(method, combo.id, s) for s in seeds]
+    newest = max((p.stat().st_mtime_ns for p in images if p.exists()), default=None)
+    if newest is None:
+        return False
+    sheet = sheet_path(run_dir, method, combo)
+    return not sheet.exists() or sheet.stat().st_mtime_ns < newest
+
+
 def write_contact_sheet(run_dir: Path, method: str, combo: Combination, seeds) -> Path | None:
     """Up to :data:`SHEET_MAX_IMAGES` seeds of a combination side by side, requested boxes drawn."""
     present = [s for s in seeds if (run_dir / runfolder.image_path(method, combo.id, s)).exists()][:SHEET_MAX_IMAGES]
     if not present:
         return None
+    for stale in runfolder.stale_temporary_files(sheet_path(run_dir, method, combo)):  # the sheets lock is held
+        stale.unlink(missing_ok=True)
     images = [Image.open(run_dir / runfolder.image_path(method, combo.id, s)) for s in present]
     sheet = contact_sheet(
         images, [f"seed {s}" for s in present], [s.box for s in combo.layout],
-        [s.phrase for s in combo.layout], [Image.open(s.image) for s in combo.layout],
+        [s.phrase for s in combo.layout], [load_reference(s.image) for s in combo.layout],
         title=f"{method} / {combo.id}: {combo.prompt}",
     )
-    return runfolder.save_png(sheet, run_dir / runfolder.IMAGES / method / combo.id / SHEET_NAME)
+    return runfolder.save_png(sheet, sheet_path(run_dir, method, combo))

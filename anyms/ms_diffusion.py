@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from anyms.layout import Layout, Subject, grid_for
-from anyms.pipeline import BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, peak_memory_bytes
+from anyms.pipeline import BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, frozen, peak_memory_bytes
+from runfolder.references import load_reference
 
 METHOD = "ms_diffusion"
 CHECKPOINT_KEYS = ("image_proj", "ms_adapter", "dummy_image_tokens")
@@ -162,14 +163,32 @@ def ms_attention_bias(box_masks: torch.Tensor, num_tokens: int, num_dummy_tokens
     return bias, inside
 
 
+def ms_attention_inputs(box_masks: torch.Tensor, num_tokens: int, num_dummy_tokens: int,
+                        weights: Sequence[float] | torch.Tensor | None, dtype: torch.dtype, device) -> tuple:
+    """What :func:`ms_image_attention` derives from the layout and the weights, on ``device``: ``(bias, inside,
+    token_weights)`` (``token_weights`` ``None`` without weights). The processor builds these once per call,
+    grid and device (:meth:`MSDiffusionAttnProcessor._image_term`), not per layer and step: each would be a
+    blocking host-to-device copy on a GPU."""
+    n = box_masks.shape[1]
+    bias, inside = ms_attention_bias(box_masks.to(device), num_tokens, num_dummy_tokens, dtype)
+    token_w = None
+    if weights is not None:
+        w = torch.as_tensor(weights, dtype=dtype).to(device)
+        if w.shape != (n,):
+            raise ValueError(f"got {tuple(w.shape)} weights for {n} subjects")
+        token_w = torch.cat([w.new_ones(num_dummy_tokens), w.repeat_interleave(num_tokens)])
+    return bias, inside, token_w
+
+
 def ms_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, box_masks: torch.Tensor, num_tokens: int,
                        num_dummy_tokens: int = 4, weights: Sequence[float] | torch.Tensor | None = None,
-                       softmax_scale: float | None = None) -> torch.Tensor:
+                       softmax_scale: float | None = None, prepared: tuple | None = None) -> torch.Tensor:
     """MS-Diffusion's image term for one layer.
 
     q: ``[B, H, L, D]``; k, v: ``[B, H, num_dummy + n * num_tokens, D]`` (dummy tokens first, then the
     subjects in order); box_masks: ``Bool[B, n, L]`` or ``[n, L]``; weights: per subject, multiplies its
-    tokens' attention probabilities (the scale times the subject's scale; ``None``: 1).
+    tokens' attention probabilities (the scale times the subject's scale; ``None``: 1); prepared: the
+    :func:`ms_attention_inputs` of these masks and weights, when the caller keeps them.
     Returns ``[B, H, L, D_v]``: one softmax over the allowed tokens, zero for queries outside every box.
     """
     if box_masks.ndim == 2:
@@ -180,14 +199,12 @@ def ms_image_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, box_ma
     if k.shape[2] != num_dummy_tokens + n * num_tokens:
         raise ValueError(f"got {k.shape[2]} image tokens; {n} subjects x {num_tokens} + {num_dummy_tokens} dummy "
                          f"= {num_dummy_tokens + n * num_tokens} expected")
-    bias, inside = ms_attention_bias(box_masks.to(q.device), num_tokens, num_dummy_tokens, q.dtype)
-    if weights is not None:
-        w = torch.as_tensor(weights, dtype=v.dtype, device=v.device)
-        if w.shape != (n,):
-            raise ValueError(f"got {tuple(w.shape)} weights for {n} subjects")
+    if prepared is None:
+        prepared = ms_attention_inputs(box_masks, num_tokens, num_dummy_tokens, weights, q.dtype, q.device)
+    bias, inside, token_w = prepared
+    if token_w is not None:
         # scaling a token's value is scaling its probability (official: probabilities x subject scales)
-        token_w = torch.cat([w.new_ones(num_dummy_tokens), w.repeat_interleave(num_tokens)])
-        v = v * token_w[:, None]
+        v = v * token_w[:, None].to(v.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None], scale=softmax_scale)
     return out * inside[:, None, :, None].to(out.dtype)
 
@@ -297,11 +314,21 @@ class MSDiffusionAttnProcessor(nn.Module):
             raise RuntimeError("MS-Diffusion processor has no latent size: set state.latent_hw (the pipeline does this)")
         else:
             h, w = grid_for(L, state.latent_hw)
-        masks = state.layout.box_masks(h, w).flatten(1).to(query.device)  # [n, L], the layout's grid rule
-        rows = torch.tensor(grounded, dtype=torch.bool, device=query.device)
-        box_masks = masks[None] & rows[:, None, None]  # [B, n, L]: no boxes in the unconditional rows
+        weights = None if state.weights is None else tuple(float(x) for x in state.weights)
+        key = ("ms_diffusion_inputs", h, w, query.device, query.dtype, tuple(grounded), weights,
+               state.num_tokens, state.num_dummy_tokens)
+
+        def build():  # once per call, grid and device: no host-to-device copy per layer and step
+            with torch.inference_mode(False):  # cached beyond this call's mode, like anyms.attention's groups
+                masks = state.layout.box_masks(h, w).flatten(1)  # [n, L], the layout's grid rule
+                rows = torch.tensor(grounded, dtype=torch.bool)
+                box_masks = masks[None] & rows[:, None, None]  # [B, n, L]: no boxes in the unconditional rows
+                return box_masks.to(query.device), ms_attention_inputs(
+                    box_masks, state.num_tokens, state.num_dummy_tokens, weights, query.dtype, query.device)
+
+        box_masks, prepared = state.layout.cached(key, build)
         return ms_image_attention(query, k_ip, v_ip, box_masks, state.num_tokens, state.num_dummy_tokens,
-                                  state.weights, softmax_scale=softmax_scale)
+                                  softmax_scale=softmax_scale, prepared=prepared)
 
 
 def adapter_layers(unet) -> list[tuple[int, str]]:
@@ -508,6 +535,7 @@ class MSDiffusionPipeline(BasePipeline):
     def __init__(self, pipe, adapter: MSDiffusionAdapter, image_encoder, adapter_id: str, default_size: int,
                  reference_size: int = 512):
         super().__init__(pipe, default_size)
+        frozen(adapter, image_encoder)
         self.adapter = adapter
         self.state = adapter.state
         self.image_encoder = image_encoder
@@ -531,8 +559,8 @@ class MSDiffusionPipeline(BasePipeline):
         for image in images:
             key = (self._image_key(image), self.adapter_id, self.reference_size)
             if key not in self._feature_cache:
-                pil = image if isinstance(image, Image.Image) else Image.open(image)
-                pil = pil.convert("RGB").resize((self.reference_size, self.reference_size))
+                pil = image.convert("RGB") if isinstance(image, Image.Image) else load_reference(image)
+                pil = pil.resize((self.reference_size, self.reference_size))
                 pixels = self.image_processor(images=pil, return_tensors="pt").pixel_values
                 with torch.no_grad():
                     hidden = self.image_encoder(pixels.to(self.device, self.image_encoder.dtype),

@@ -87,10 +87,18 @@ def records_file(run_dir: str | os.PathLike, method: str, shard: tuple[int, int]
 
 
 def write_plan(run_dir: str | os.PathLike, method: str, shard: tuple[int, int], images: list[str]) -> Path:
-    """Records what a generation shard set out to make, so evaluation can say what is still missing."""
+    """Records what a generation shard set out to make, so evaluation can say what is still missing. Plans
+    accumulate: the images of every earlier run of this method and shard stay in the plan (a later run with
+    fewer seeds or a failed one must not hide what is still missing). Call it with the shard's writer lock held."""
     i, k = shard
-    return write_json(Path(run_dir) / PLANS / f"{method}.{i}-of-{k}.json", {"method": method, "shard": f"{i}/{k}",
-                                                                            "images": sorted(images)})
+    path = Path(run_dir) / PLANS / f"{method}.{i}-of-{k}.json"
+    earlier: list[str] = []
+    if path.exists():
+        try:
+            earlier = json.loads(path.read_text()).get("images", [])
+        except (OSError, ValueError) as err:
+            raise RunFolderError(f"{path}: not a plan ({err}); delete it and run generate again") from None
+    return write_json(path, {"method": method, "shard": f"{i}/{k}", "images": sorted(set(earlier) | set(images))})
 
 
 def planned_images(run_dir: str | os.PathLike) -> set[str]:
@@ -145,11 +153,21 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+TMP_SUFFIX = ".tmp"
+
+
+def stale_temporary_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files :func:`atomic_write` leaves beside ``path`` when its process is killed mid-write
+    (``.<name>.<random>.tmp<suffix>``). Only the writer that owns ``path`` (its lock held) may delete them."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{path.name}.*{TMP_SUFFIX}{path.suffix}")) if path.parent.is_dir() else []
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Calls ``write(tmp_path)`` then renames onto ``path``: readers never see a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))

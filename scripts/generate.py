@@ -8,16 +8,19 @@ import hydra
 from omegaconf import DictConfig
 
 from anyms.benchmark import BenchmarkConfigError
-from anyms.generate import run_generation
+from anyms.generate import GenerationConfigError, run_generation
 from anyms.pipeline import ModelLoadError
 from runfolder import RunFolderError
+from runfolder.lock import RunFolderLockedError
+from runfolder.references import ReferenceImageError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
         summary = run_generation(cfg)
-    except (BenchmarkConfigError, ModelLoadError, RunFolderError) as err:
+    except (BenchmarkConfigError, GenerationConfigError, ReferenceImageError, ModelLoadError, RunFolderError,
+            RunFolderLockedError) as err:
         raise SystemExit(f"generate: {err}") from None  # a config or data problem: no stack trace
     print(
         f"{summary.method}: {len(summary.generated)} image(s) generated, {summary.skipped} already there, "

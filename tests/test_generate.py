@@ -12,7 +12,7 @@ from PIL import Image
 
 import runfolder
 from anyms.benchmark import BenchmarkConfigError, load_combinations
-from anyms.generate import run_generation
+from anyms.generate import GenerationConfigError, run_generation
 from anyms.pipeline import ModelLoadError
 
 from .conftest import REPO, data_root, quiet_wandb
@@ -172,9 +172,15 @@ def test_missing_data_root_names_the_fix(tmp_path):
 
 
 @needs_data
+@needs_data
 def test_a_missing_model_gives_one_clear_error(tmp_path):
-    cfg = make_cfg(tmp_path, "model=sd15", "model.pretrained=/nonexistent/sd15", "benchmark=smoke")
-    with pytest.raises(ModelLoadError, match=r"model 'sd15': cannot load the pipeline '/nonexistent/sd15'.*check model.pretrained"):
+    cfg = make_cfg(tmp_path / "run", "model=sd15", "model.pretrained=/nonexistent/sd15", "benchmark=smoke")
+    with pytest.raises(GenerationConfigError, match=r"model.pretrained: /nonexistent/sd15 does not exist"):
+        run_generation(cfg)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = make_cfg(tmp_path / "run", "model=sd15", f"model.pretrained={empty}", "benchmark=smoke")
+    with pytest.raises(ModelLoadError, match=rf"model 'sd15': cannot load the pipeline '{empty}'.*check model.pretrained"):
         run_generation(cfg)
 
 
