@@ -3,6 +3,9 @@
     python scripts/fetch_data.py                 # every dataset into $ANYMS_DATA_ROOT or data/
     python scripts/fetch_data.py --dataset msbench --data-root /big/disk/data
 
+Each repository is fetched at a pinned commit (DATASETS below), recorded in <data_root>/<name>/SOURCE.json;
+offline, ``--from-clone PATH`` copies from a clone made elsewhere.
+
 DreamBench: the subject images of google/dreambooth (its `dataset/` folder: 30 subjects), cloned with git
 and copied to <data_root>/dreambench/<subject>/, with the dataset's own license and references files.
 
@@ -26,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 # MS-Bench in MS-Diffusion's repository (its README: "We provide the proposed MS-Bench in ./msbench. The prompt
-# template is in ./msdiffusion/dataset/prompts/msbench.py"); paths as of commit 62c64eb, not fetched here.
+# template is in ./msdiffusion/dataset/prompts/msbench.py").
 MSBENCH_REPO = "https://github.com/MS-Diffusion/MS-Diffusion.git"
 MSBENCH_IMAGES = "msbench"
 MSBENCH_DEFINITIONS = "msdiffusion/dataset/prompts/msbench.py"
@@ -77,36 +80,87 @@ def msbench_definitions(repo: Path, staging: Path) -> None:
     print(f"msbench: {len(present)} subjects with images" + (f"; no image for {absent} (their samples are left out)" if absent else ""))
 
 
+# Each dataset at a pinned commit (the newest of its repository when pinned, 2026-12-03), so that two users
+# of this harness score against the same images; the commit is written to <data_root>/<name>/SOURCE.json.
 DATASETS = {
-    "dreambench": {"repo": "https://github.com/google/dreambooth.git", "folder": "dataset"},
-    "msbench": {"repo": MSBENCH_REPO, "folder": MSBENCH_IMAGES, "post": msbench_definitions, "folders": "data types"},
+    "dreambench": {"repo": "https://github.com/google/dreambooth.git", "commit": "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0",
+                   "folder": "dataset"},
+    "msbench": {"repo": MSBENCH_REPO, "commit": "74eb2d6d96669a8be9e786410de445ea41c187c0", "folder": MSBENCH_IMAGES,
+                "post": msbench_definitions, "folders": "data types"},
 }
+SOURCE_FILE = "SOURCE.json"
 
 
-def fetch(name: str, data_root: Path, force: bool = False) -> Path:
+class FetchError(RuntimeError):
+    """A dataset that could not be fetched; the message says what failed and how to place the data by hand."""
+
+
+def by_hand(name: str, spec: dict, target: Path) -> str:
+    return (f"To place it by hand: on a machine with access run `git clone {spec['repo']} repo && git -C repo checkout "
+            f"{spec['commit']}`, then `python scripts/fetch_data.py --dataset {name} --from-clone repo "
+            f"--data-root {target.parent}` (or copy repo/{spec['folder']}/ to {target}/)")
+
+
+def clone_pinned(name: str, spec: dict, dest: Path, target: Path) -> None:
+    """The repository at its pinned commit (only that commit's objects are fetched)."""
+    steps = [["git", "init", "-q", str(dest)],
+             ["git", "-C", str(dest), "fetch", "-q", "--depth", "1", spec["repo"], spec["commit"]],
+             ["git", "-C", str(dest), "checkout", "-q", "FETCH_HEAD"]]
+    for cmd in steps:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise FetchError(f"{name}: `{' '.join(cmd[:3])}` failed ({err}). {by_hand(name, spec, target)}") from None
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+            raise FetchError(f"{name}: could not fetch {spec['repo']} at commit {spec['commit'][:12]} (git: {last}). "
+                             f"Is the network reachable? {by_hand(name, spec, target)}")
+
+
+def head_commit(repo: Path) -> str | None:
+    out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def fetch(name: str, data_root: Path, force: bool = False, from_clone: Path | None = None) -> Path:
+    """Fetches ``name`` into ``data_root/name`` at its pinned commit (or copies it from a local clone)."""
     spec = DATASETS[name]
     target = data_root / name
     if target.is_dir() and any(target.iterdir()) and not force:
         print(f"{name}: already in {target} (use --force to fetch again)")
         return target
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"{name}: cloning {spec['repo']} ...")
-        subprocess.run(["git", "clone", "--depth", "1", spec["repo"], tmp + "/repo"], check=True)
-        source = Path(tmp) / "repo" / spec["folder"]
+        if from_clone is not None:
+            repo = Path(from_clone)
+            if not (repo / spec["folder"]).is_dir():
+                raise FetchError(f"{name}: {repo} has no {spec['folder']}/ folder; give a clone of {spec['repo']}")
+            commit = head_commit(repo)
+            if commit != spec["commit"]:
+                print(f"{name}: warning: {repo} is at commit {commit}, not the pinned {spec['commit']}; "
+                      "the commit used is recorded in SOURCE.json")
+        else:
+            print(f"{name}: fetching {spec['repo']} at commit {spec['commit'][:12]} ...")
+            repo = Path(tmp) / "repo"
+            clone_pinned(name, spec, repo, target)
+            commit = spec["commit"]
+        source = repo / spec["folder"]
         if not source.is_dir():
-            sys.exit(f"{name}: the repository has no {spec['folder']}/ folder; has its layout changed?")
+            raise FetchError(f"{name}: the repository has no {spec['folder']}/ folder at {commit}")
         staging = data_root / f".{name}.partial"
         shutil.rmtree(staging, ignore_errors=True)
         shutil.copytree(source, staging)
         for extra in ("LICENSE", "README.md"):
-            if (Path(tmp) / "repo" / extra).exists():
-                shutil.copy(Path(tmp) / "repo" / extra, staging / extra)
+            if (repo / extra).exists():
+                shutil.copy(repo / extra, staging / extra)
         if spec.get("post"):
-            spec["post"](Path(tmp) / "repo", staging)
+            spec["post"](repo, staging)
+        (staging / SOURCE_FILE).write_text(json.dumps(
+            {"repository": spec["repo"], "commit": commit, "pinned_commit": spec["commit"], "folder": spec["folder"]},
+            indent=2) + "\n")
         shutil.rmtree(target, ignore_errors=True)
         staging.rename(target)  # the folder appears whole or not at all
     subjects = sorted(p.name for p in target.iterdir() if p.is_dir())
-    print(f"{name}: {len(subjects)} {spec.get('folders', 'subjects')} in {target}")
+    print(f"{name}: {len(subjects)} {spec.get('folders', 'subjects')} in {target} (commit {commit[:12] if commit else '?'})")
     return target
 
 
@@ -115,11 +169,17 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("ANYMS_DATA_ROOT") or "data")
     parser.add_argument("--dataset", choices=sorted(DATASETS), action="append")
     parser.add_argument("--force", action="store_true")
+    parser.add_argument("--from-clone", type=Path, help="a local clone of the dataset's repository (with one --dataset)")
     args = parser.parse_args()
+    if args.from_clone is not None and len(args.dataset or []) != 1:
+        parser.error("--from-clone needs exactly one --dataset")
     root = Path(args.data_root)
     root.mkdir(parents=True, exist_ok=True)
-    for name in args.dataset or sorted(DATASETS):
-        fetch(name, root, args.force)
+    try:
+        for name in args.dataset or sorted(DATASETS):
+            fetch(name, root, args.force, args.from_clone)
+    except FetchError as err:
+        sys.exit(f"fetch_data: {err}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python scripts/evaluate.py run_dir=runs/anyms11-mudi
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,12 +16,20 @@ from anyms.importer import import_images
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import")
 def main(cfg: DictConfig) -> None:
     try:
-        summary = import_images(cfg.source, cfg.method, cfg.benchmark, cfg.data_root, cfg.run_dir, cfg.pattern, cfg.strict)
+        summary = import_images(cfg.source, cfg.import_method, cfg.benchmark, cfg.data_root, cfg.run_dir, cfg.pattern,
+                                cfg.strict, overwrite=bool(cfg.overwrite))
     except BenchmarkConfigError as err:
         raise SystemExit(f"import: {err}") from None
     print(f"import {summary.method}: {len(summary.imported)} image(s) into {summary.run_dir}"
           + (f"; {len(summary.missing)} missing, e.g. {summary.missing[:3]}" if summary.missing else ""))
 
 
+def method_argument(argv: list[str]) -> list[str]:
+    """``method=NAME`` -> ``import_method=NAME``: Hydra reads ``method=`` as a choice in the config group
+    conf/method/ (the generated methods) and fails, so the documented spelling is renamed before Hydra sees it."""
+    return [("import_method=" + a.split("=", 1)[1]) if a.startswith(("method=", "+method=")) else a for a in argv]
+
+
 if __name__ == "__main__":
+    sys.argv = method_argument(sys.argv)
     main()
