@@ -138,18 +138,6 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
                               adapter_scale=scale, full_frame_adapter_scale=full, **sides)
 
 
-def checked_run_dir(run_dir) -> Path:
-    """``run_dir`` as a folder that is or can be made: not a file, not under a file."""
-    path = Path(str(run_dir))
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise GenerationConfigError(f"run_dir: {path} {what}; give a folder (run_dir=runs/NAME)")
-            break
-    return path
-
-
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
@@ -212,7 +200,10 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     settings = generation_settings(cfg)
     record = attention_map_settings(cfg)
     method = str(cfg.method.name)
-    run_dir = checked_run_dir(cfg.run_dir)
+    try:
+        run_dir = runfolder.checked_run_dir(cfg.run_dir)
+    except runfolder.RunFolderError as err:
+        raise GenerationConfigError(str(err)) from None
     check_model_paths(cfg.model, cfg.method)
     model_ids = model_identity(cfg.model, cfg.method)
     work = [(c, s) for c in combos for s in seeds]

@@ -4,8 +4,12 @@
     python scripts/generate.py -m method=anyms,wo_crop_merge,wo_local model=tiny benchmark=smoke
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+import runfolder
 
 from anyms.benchmark import BenchmarkConfigError
 from anyms.generate import GenerationConfigError, run_generation
@@ -31,4 +35,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    runfolder.check_run_dir_argument(sys.argv, "generate")
     main()

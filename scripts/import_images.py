@@ -9,6 +9,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import runfolder
+
 from anyms.benchmark import BenchmarkConfigError
 from anyms.importer import import_images
 
@@ -31,5 +33,6 @@ def method_argument(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    runfolder.check_run_dir_argument(sys.argv, "import")
     sys.argv = method_argument(sys.argv)
     main()

@@ -165,3 +165,17 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_the_script_refuses_a_run_dir_that_is_a_file_before_hydra_writes_its_logs(under, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    run_dir = blocker / "run" if under else blocker
+    for script in ("generate.py", "import_images.py"):
+        cmd = [sys.executable, str(REPO / "scripts" / script), f"run_dir={run_dir}"]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        stage = "generate" if script == "generate.py" else "import"
+        assert out.stderr.strip().splitlines()[-1].startswith(f"{stage}: run_dir: {run_dir} ")
+    assert blocker.read_text() == "x"
