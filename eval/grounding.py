@@ -36,12 +36,13 @@ the model's behaviour and AP should see them. ``nms_iou=0.8`` (say) applies per-
 (``torchvision.ops.batched_nms`` with the phrase index as the class), as Grounded-SAM's demo does
 class-agnostically at 0.8.
 
-Backends:
-
-- :class:`HFGroundingDino` (default): transformers' ``AutoProcessor`` + ``GroundingDinoForObjectDetection``,
-  ``IDEA-Research/grounding-dino-tiny`` or a local folder with the same layout.
-- :class:`OriginalGroundingDino`: the groundingdino-py package with ``groundingdino_swint_ogc.pth``; imported
-  lazily, not installed or tested here (see the class for what it needs).
+Backend: :class:`HFGroundingDino`, transformers' ``AutoProcessor`` + ``GroundingDinoForObjectDetection``,
+``IDEA-Research/grounding-dino-tiny`` (the SwinT-OGC weights converted by transformers) or a local folder with
+the same layout. It is the only backend: the original groundingdino-py package needs transformers < 5 (its BERT
+wrapper calls ``BertModel.get_extended_attention_mask``, removed in transformers 5) and loads
+``bert-base-uncased`` from the hub when built, so it cannot share this environment; an untested class for it
+was removed rather than described as a feature. Detectors are built from config (``_target_``), so another
+backend is one ``Detector`` subclass with ``_predict``.
 
 Segmentation: :class:`SamSegmenter` (segment-anything, SAM ViT-H by default), one batched box prompt per
 image, ``multimask_output=False``. :func:`subject_crop` gives the masked subject cropped to the mask's
@@ -72,9 +73,6 @@ DEFAULT_BOX_THRESHOLD = 0.35  # GroundingDINO's Python API example (Grounded-SAM
 DEFAULT_TEXT_THRESHOLD = 0.25
 SPAN_REDUCTIONS = ("mean", "max")
 
-ORIGINAL_GDINO_CHECKPOINT_URL = (
-    "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth"
-)
 SAM_CHECKPOINT_URLS = {
     "vit_h": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
     "default": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
@@ -353,92 +351,6 @@ def _is_path_like(name: str) -> bool:
     return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
-class OriginalGroundingDino(Detector):
-    """GroundingDINO through the original groundingdino-py package (``groundingdino_swint_ogc.pth``), for numbers
-    comparable with code that used it. Same caption, attribution and thresholds as :class:`HFGroundingDino`.
-
-    NOT installed or tested on the project's machines. What it needs:
-
-    - ``pip install groundingdino-py`` (0.4.0: pure-PyTorch deformable attention, no compiled extension);
-    - ``config_path``: the package's ``groundingdino/config/GroundingDINO_SwinT_OGC.py`` (the default when
-      ``None``); ``checkpoint_path``: ``groundingdino_swint_ogc.pth`` (:data:`ORIGINAL_GDINO_CHECKPOINT_URL`);
-    - ``text_encoder_path``: a local ``bert-base-uncased`` folder (tokenizer + weights); the package otherwise
-      loads ``bert-base-uncased`` from the hub when the model is built;
-    - transformers < 5: its ``BertModelWarper`` copies ``BertModel.get_extended_attention_mask`` (and
-      ``get_head_mask``), which transformers 5 removed, so building the model fails with an
-      ``AttributeError``. Run this backend in an environment with transformers 4.x, or patch the wrapper.
-    """
-
-    def __init__(
-        self,
-        config_path: str | os.PathLike | None,
-        checkpoint_path: str | os.PathLike,
-        text_encoder_path: str | os.PathLike,
-        device: str = "cpu",
-        box_threshold: float = DEFAULT_BOX_THRESHOLD,
-        text_threshold: float = DEFAULT_TEXT_THRESHOLD,
-        span_reduce: str = "mean",
-        nms_iou: float | None = None,
-    ):
-        super().__init__(box_threshold, text_threshold, span_reduce, nms_iou)
-        try:
-            import groundingdino
-            from groundingdino.models import build_model
-            from groundingdino.util.slconfig import SLConfig
-            from groundingdino.util.utils import clean_state_dict
-        except ImportError as err:
-            raise ImportError(
-                "OriginalGroundingDino needs the groundingdino-py package (`pip install groundingdino-py`, "
-                f"with transformers < 5): {err}. The default backend HFGroundingDino needs only transformers."
-            ) from None
-        if config_path is None:
-            config_path = Path(groundingdino.__file__).parent / "config" / "GroundingDINO_SwinT_OGC.py"
-        checkpoint_path = Path(checkpoint_path)
-        if not checkpoint_path.is_file():
-            raise MissingWeightsError(
-                f"GroundingDINO SwinT-OGC checkpoint not found at {checkpoint_path}; get groundingdino_swint_ogc.pth "
-                f"from {ORIGINAL_GDINO_CHECKPOINT_URL}"
-            ) from None
-        if not Path(text_encoder_path).is_dir():
-            raise MissingWeightsError(
-                f"text encoder folder {text_encoder_path} not found: the original GroundingDINO needs a local "
-                "bert-base-uncased folder (`hf download google-bert/bert-base-uncased --local-dir <folder>`)"
-            ) from None
-        args = SLConfig.fromfile(str(config_path))
-        args.device = device
-        args.text_encoder_type = str(text_encoder_path)
-        try:
-            model = build_model(args)
-        except AttributeError as err:
-            raise RuntimeError(
-                f"groundingdino-py could not build its BERT wrapper ({err}); it needs transformers < 5 "
-                "(BertModel.get_extended_attention_mask was removed in transformers 5)"
-            ) from None
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(clean_state_dict(checkpoint["model"]), strict=False)
-        self.model = model.to(device).eval()
-        self.device = torch.device(device)
-        self.max_text_len = int(getattr(args, "max_text_len", 256))
-
-    def _predict(self, image, caption):
-        import groundingdino.datasets.transforms as T
-
-        transform = T.Compose(
-            [
-                T.RandomResize([800], max_size=1333),
-                T.ToTensor(),
-                T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-            ]
-        )
-        pixels, _ = transform(image, None)
-        with torch.inference_mode():
-            outputs = self.model(pixels[None].to(self.device), captions=[caption])
-        tokenizer = self.model.tokenizer
-        num_tokens = len(tokenizer(caption)["input_ids"])
-        logits = outputs["pred_logits"][0, :, :num_tokens]
-        return logits, outputs["pred_boxes"][0], tokenizer, self.max_text_len
-
-
 # ------------------------------------------------------------------------------------------------- SAM
 
 
@@ -515,12 +427,27 @@ def box_to_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, i
     return left, top, right, bottom
 
 
-def subject_crop(image: Image.Image, mask: np.ndarray | None, box: Sequence[float] | None = None) -> Image.Image:
+def pad_to_square(image: Image.Image, fill: int = 255) -> Image.Image:
+    """``image`` centred on a white square of its longer side. The encoders resize the shorter side and crop the
+    centre: a tight 4:1 crop (sunglasses) would show them 22% of its width; padded, they see all of it."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), (fill, fill, fill))
+    square.paste(image.convert("RGB"), ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+def subject_crop(image: Image.Image, mask: np.ndarray | None, box: Sequence[float] | None = None,
+                 square: bool = True) -> Image.Image:
     """The subject region the identity metrics compare: the pixels under ``mask`` (bool ``[H, W]``) on white,
-    cropped to the mask's bounding box. With an empty (or no) mask: the crop of the normalized ``box`` as it
-    is (DESIGN: an undetected subject is compared as its requested box crop)."""
+    cropped to the mask's bounding box and, with ``square`` (default), padded to a square on white
+    (:func:`pad_to_square`). With an empty (or no) mask: the crop of the normalized ``box`` as it is (DESIGN:
+    an undetected subject is compared as its requested box crop), padded likewise."""
     rgb = image.convert("RGB")
     width, height = rgb.size
+    finish = pad_to_square if square else (lambda im: im)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (height, width):
@@ -528,10 +455,10 @@ def subject_crop(image: Image.Image, mask: np.ndarray | None, box: Sequence[floa
     if mask is None or not mask.any():
         if box is None:
             raise ValueError("empty mask and no box to fall back on")
-        return rgb.crop(box_to_pixels(box, width, height))
+        return finish(rgb.crop(box_to_pixels(box, width, height)))
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     pixels = np.asarray(rgb)[top:bottom, left:right].copy()
     pixels[~mask[top:bottom, left:right]] = 255
-    return Image.fromarray(pixels)
+    return finish(Image.fromarray(pixels))

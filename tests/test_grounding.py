@@ -16,7 +16,6 @@ from eval.grounding import (
     Detection,
     HFGroundingDino,
     MissingWeightsError,
-    OriginalGroundingDino,
     SamSegmenter,
     attribute_queries,
     build_caption,
@@ -259,7 +258,7 @@ def test_subject_crop_mask_and_box():
     yy, xx = np.mgrid[:48, :64]
     mask = ((xx - 30) / 12.0) ** 2 + ((yy - 20) / 9.0) ** 2 <= 1.0  # ellipse: x 18..42, y 11..29
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    crop = subject_crop(image, mask, box=(0.0, 0.0, 1.0, 1.0))
+    crop = subject_crop(image, mask, box=(0.0, 0.0, 1.0, 1.0), square=False)
     assert crop.size == (cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
     got = np.asarray(crop)
     sub_mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
@@ -267,11 +266,32 @@ def test_subject_crop_mask_and_box():
     assert (got[~sub_mask] == 255).all()
     assert (got[sub_mask] == sub_pixels[sub_mask]).all()
     # an empty mask falls back on the box crop
-    empty = subject_crop(image, np.zeros((48, 64), dtype=bool), box=(0.25, 0.5, 0.75, 1.0))
+    empty = subject_crop(image, np.zeros((48, 64), dtype=bool), box=(0.25, 0.5, 0.75, 1.0), square=False)
     assert empty.size == (32, 24)
     assert (np.asarray(empty) == pixels[24:48, 16:48]).all()
     with pytest.raises(ValueError):
         subject_crop(image, np.ones((10, 10), dtype=bool))
+
+
+def test_a_wide_crop_is_padded_to_a_square_and_the_encoder_sees_all_of_it():
+    """Sunglasses-like 4:1 crop: resize-then-centre-crop preprocessing (CLIP, DINO, DreamSim) of the raw crop
+    keeps a quarter of its width; padded on white it keeps all of it (issue 15, item 7)."""
+    from torchvision import transforms as T
+
+    pixels = np.zeros((100, 400, 3), np.uint8)
+    pixels[:, :, 0] = np.linspace(0, 249, 400, dtype=np.uint8)[None]  # a horizontal ramp: the columns are tellable
+    image = Image.fromarray(pixels)
+    mask = np.ones((100, 400), bool)
+    crop = subject_crop(image, mask, square=True)
+    assert crop.size == (400, 400)
+    got = np.asarray(crop)
+    assert (got[:150] == 255).all() and (got[250:] == 255).all() and (got[150:250] == pixels).all()
+    preprocess = T.Compose([T.Resize(224), T.CenterCrop(224)])  # the encoders' resize + centre crop
+    seen_raw = np.asarray(preprocess(subject_crop(image, mask, square=False)))[..., 0]
+    seen_pad = np.asarray(preprocess(crop))[..., 0]
+    ramp = seen_pad[112]  # the middle row of the padded view holds the whole ramp
+    assert ramp.min() <= 5 and ramp.max() >= 240  # both ends of the ramp: the full width
+    assert seen_raw.min() > 80 and seen_raw.max() < 170  # the raw crop shows only its middle quarter
 
 
 def test_crop_of_segmented_detection(detector, segmenter, images):
@@ -309,14 +329,3 @@ def test_box_conversion_clamps_to_the_image():
 
     boxes = cxcywh_to_xyxy(torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.05, 0.9, 0.3, 0.4]]))
     assert torch.allclose(boxes, torch.tensor([[0.4, 0.3, 0.6, 0.7], [0.0, 0.7, 0.2, 1.0]]))
-
-
-def test_original_grounding_dino_without_package(tmp_path):
-    try:
-        import groundingdino  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="groundingdino-py"):
-            OriginalGroundingDino(None, tmp_path / "groundingdino_swint_ogc.pth", tmp_path / "bert")
-    else:
-        with pytest.raises(MissingWeightsError, match="groundingdino_swint_ogc.pth"):
-            OriginalGroundingDino(None, tmp_path / "groundingdino_swint_ogc.pth", tmp_path / "bert")
