@@ -7,9 +7,12 @@ in batches, under ``torch.no_grad``, on that device. All scores are on a 0-100 s
 - :class:`ClipScorer`: open_clip. CLIP-I = 100 x cosine of the two images' embeddings; CLIP-T = 100 x
   cosine of the whole image's and the prompt's embeddings. Default ``ViT-B-32`` with the ``openai``
   weights (run with QuickGELU, as those weights were trained: see the class).
-- :class:`DinoScorer`: DINO v1 ViT-S/16, 100 x cosine of the final-norm CLS tokens, preprocessing
-  resize 256 bicubic, center crop 224, ImageNet normalization. Default transformers' ``ViTModel``
-  (``facebook/dino-vits16``); ``backend="timm"`` loads ``vit_small_patch16_224.dino`` instead.
+- :class:`DinoScorer`: 100 x cosine of the final-norm CLS tokens, preprocessing resize 256 bicubic, center
+  crop 224, ImageNet normalization. ``backend="dinov2"``: DINOv2 ViT-S/14 (``facebook/dinov2-small``) through
+  transformers' ``Dinov2Model`` (the AnyMS paper's DINO); ``backend="transformers"``: DINO v1 ViT-S/16
+  (``facebook/dino-vits16``) through ``ViTModel`` (MS-Diffusion's and DreamBooth's DINO); ``backend="timm"``
+  loads ``vit_small_patch16_224.dino``. A checkpoint whose keys do not match the class exactly is refused
+  (a DINOv2 checkpoint read by ``ViTModel`` would silently re-initialize its LayerScale weights).
 - :class:`DreamSimScorer`: the dreamsim package's own model, 100 x (1 - distance), default ``"ensemble"``.
 
 A weight that is not there raises one :class:`MissingWeightsError` naming the model and how to get it,
@@ -33,7 +36,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_CLIP_MODEL = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "openai"
-DEFAULT_DINO_MODEL = {"transformers": "facebook/dino-vits16", "timm": "vit_small_patch16_224.dino"}
+DEFAULT_DINO_MODEL = {"transformers": "facebook/dino-vits16", "timm": "vit_small_patch16_224.dino",
+                      "dinov2": "facebook/dinov2-small"}
 DEFAULT_DREAMSIM_TYPE = "ensemble"
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".tar", ".ckpt")
@@ -302,11 +306,17 @@ class DinoScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.transform = dino_transform()
-        loader = _load_dino_transformers if backend == "transformers" else _load_dino_timm
+        loader = {"transformers": _load_dino_transformers, "dinov2": _load_dinov2, "timm": _load_dino_timm}[backend]
         self.model = loader(self.model_id, local_files_only).to(self.device).eval().requires_grad_(False)
 
+    @property
+    def backbone(self) -> str:
+        """What the tables name: the backend's architecture and the checkpoint."""
+        kind = {"dinov2": "DINOv2", "transformers": "DINO v1", "timm": "DINO v1 (timm)"}[self.backend]
+        return f"{kind} {self.model_id}"
+
     def _cls(self, pixels: torch.Tensor) -> torch.Tensor:
-        if self.backend == "transformers":
+        if self.backend in ("transformers", "dinov2"):  # last_hidden_state is after the final layer norm
             return self.model(pixel_values=pixels).last_hidden_state[:, 0]
         return self.model.forward_features(pixels)[:, 0]
 
@@ -330,6 +340,9 @@ def _dino_missing(model_id: str, backend: str, detail: str = "") -> MissingWeigh
         "transformers": "with network run ViTModel.from_pretrained('facebook/dino-vits16') once (Hugging Face "
         "cache), or download https://huggingface.co/facebook/dino-vits16 (config.json + weights) to a folder "
         "and pass its path",
+        "dinov2": "with network run Dinov2Model.from_pretrained('facebook/dinov2-small') once (Hugging Face "
+        "cache), or download https://huggingface.co/facebook/dinov2-small (config.json + weights) to a folder "
+        "and pass its path",
         "timm": "with network run timm.create_model('vit_small_patch16_224.dino', pretrained=True) once, or "
         "download https://huggingface.co/timm/vit_small_patch16_224.dino to a folder and pass "
         "'local-dir:<folder>'",
@@ -337,17 +350,46 @@ def _dino_missing(model_id: str, backend: str, detail: str = "") -> MissingWeigh
     return MissingWeightsError(f"DINO model {model_id!r} ({backend}): weights not found{detail}. To get them: {how}.")
 
 
-def _load_dino_transformers(model_id: str, local_files_only: bool):
-    from transformers import ViTModel
+def _load_strict(cls, model_id: str, backend: str, local_files_only: bool, **kwargs):
+    """``cls.from_pretrained`` that refuses a checkpoint with missing, unexpected or mismatched keys (transformers
+    would fill them with random values and only log it)."""
+    from transformers.utils import logging as hf_logging
 
     path = Path(model_id)
     if _looks_like_path(model_id):
         if not (path / "config.json").is_file() or not _has_transformers_weights(path):
-            raise _dino_missing(model_id, "transformers", f" (no config.json + model weights in {path})") from None
+            raise _dino_missing(model_id, backend, f" (no config.json + model weights in {path})") from None
+    hint = {"transformers": "a DINOv2 checkpoint needs backend: dinov2",
+            "dinov2": "a DINO v1 checkpoint needs backend: transformers"}.get(backend, "")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the mismatch is reported below, as an error
     try:
-        return ViTModel.from_pretrained(model_id, add_pooling_layer=False, local_files_only=local_files_only)
+        model, info = cls.from_pretrained(model_id, local_files_only=local_files_only, output_loading_info=True, **kwargs)
     except OSError:
-        raise _dino_missing(model_id, "transformers") from None
+        raise _dino_missing(model_id, backend) from None
+    except RuntimeError as err:  # transformers refuses tensors of other shapes before reporting the keys
+        raise ValueError(f"DINO model {model_id!r} does not match {cls.__name__} (mismatched keys: tensors of other "
+                         f"shapes: {str(err).splitlines()[0]}); {hint}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    bad = {k: sorted(str(x) for x in info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        detail = "; ".join(f"{k.replace('_', ' ')}: {v[:4]}{' ...' if len(v) > 4 else ''}" for k, v in bad.items() if v)
+        raise ValueError(f"DINO model {model_id!r} does not match {cls.__name__} ({detail}); its weights would be "
+                         f"partly random. {hint}")
+    return model
+
+
+def _load_dino_transformers(model_id: str, local_files_only: bool):
+    from transformers import ViTModel
+
+    return _load_strict(ViTModel, model_id, "transformers", local_files_only, add_pooling_layer=False)
+
+
+def _load_dinov2(model_id: str, local_files_only: bool):
+    from transformers import Dinov2Model
+
+    return _load_strict(Dinov2Model, model_id, "dinov2", local_files_only)
 
 
 def _load_dino_timm(model_id: str, local_files_only: bool):

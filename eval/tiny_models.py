@@ -207,6 +207,31 @@ def write_tiny_dino(folder: str | Path, seed: int = 0, real_size: bool = False) 
     return folder
 
 
+# transformers' Dinov2Config of facebook/dinov2-small (ViT-S/14, LayerScale) and a tiny one of the same geometry
+DINOV2_SMALL_CFG = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, image_size=518,
+                        patch_size=14, layerscale_value=1.0, layer_norm_eps=1e-6)
+TINY_DINOV2_CFG = dict(DINOV2_SMALL_CFG, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+def write_tiny_dinov2(folder: str | Path, seed: int = 0, real_size: bool = False) -> Path:
+    """A random DINOv2-like ViT (transformers ``Dinov2Model``, LayerScale weights drawn away from their init so
+    that a loader dropping them would show) in the layout of ``facebook/dinov2-small``."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**(DINOV2_SMALL_CFG if real_size else TINY_DINOV2_CFG)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name:
+                p.uniform_(0.1, 2.0)
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, resample=3,
+                      do_center_crop=True, image_mean=[0.485, 0.456, 0.406],
+                      image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return folder
+
+
 def write_tiny_dino_timm(folder: str | Path, seed: int = 0) -> str:
     """A tiny random timm ``vit_small_patch16_224`` (DINO's architecture, narrower and shallower) saved in
     timm's hub layout; returns the ``local-dir:`` name that ``timm.create_model`` loads."""

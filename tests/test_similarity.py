@@ -239,6 +239,31 @@ def test_dino_is_100x_cosine_of_cls_tokens(tiny_dino, images):
     np.testing.assert_allclose(scorer.similarity([wide], [images[1]]), expected_wide.numpy(), atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def tiny_dinov2(tmp_path_factory):
+    return tiny_models.write_tiny_dinov2(tmp_path_factory.mktemp("tiny_dinov2"))
+
+
+def test_dinov2_loads_strictly_and_equals_dinov2model(tiny_dinov2, tiny_dino, images):
+    """The AnyMS paper's DINO is DINOv2 (issue 15, item 6): loaded through Dinov2Model with every key, its
+    features are Dinov2Model's own; read by ViTModel (the old path) its LayerScale would be re-initialized."""
+    from transformers import Dinov2Model
+
+    scorer = DinoScorer(tiny_dinov2, backend="dinov2", device="cpu")
+    assert scorer.backbone == f"DINOv2 {tiny_dinov2}"
+    oracle, info = Dinov2Model.from_pretrained(tiny_dinov2, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert all(not torch.allclose(p, torch.ones_like(p)) for n, p in oracle.named_parameters() if "layer_scale" in n)
+    with torch.no_grad():
+        cls = oracle.eval()(pixel_values=torch.stack([_dino_pixels(im) for im in images])).last_hidden_state[:, 0]
+    np.testing.assert_allclose(scorer.features(images).numpy(), F.normalize(cls, dim=-1).numpy(), atol=1e-5)
+    # the wrong class for the checkpoint is refused, naming the keys, both ways
+    with pytest.raises(ValueError, match=r"does not match ViTModel .*keys.*backend: dinov2"):
+        DinoScorer(tiny_dinov2, backend="transformers")
+    with pytest.raises(ValueError, match=r"does not match Dinov2Model .*keys.*backend: transformers"):
+        DinoScorer(tiny_dino, backend="dinov2")
+
+
 def test_dino_timm_backend(tmp_path, images):
     import timm
 
