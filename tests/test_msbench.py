@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from anyms import msbench
-from anyms.benchmark import BenchmarkConfigError, load_combinations
+from anyms.benchmark import BenchmarkConfigError, load_combinations, parse_seeds
 from eval.published import BENCHMARK_IDS, SECTION_TITLE, benchmark_of, published_markdown, published_rows
 
 from .conftest import REPO
@@ -172,7 +172,9 @@ def compose(*overrides, data=None):
 @needs_msbench
 def test_msbench_small_composes_and_loads_one_sample_per_type():
     cfg = compose("benchmark=msbench_small")
-    assert cfg.benchmark.name == "msbench_small" and list(cfg.benchmark.seeds) == [0]
+    # MS-Diffusion's protocol: five images per sample (its appendix C)
+    assert cfg.benchmark.name == "msbench_small" and parse_seeds(cfg.benchmark.seeds) == [0, 1, 2, 3, 4]
+    assert parse_seeds(compose("benchmark=msbench").benchmark.seeds) == [0, 1, 2, 3, 4]
     combos = load_combinations(cfg.benchmark, ROOT)
     types = [ID.match(c.id)["type"] for c in combos]
     assert types == msbench.combination_types(msbench.load_definitions(ROOT))  # 13, one each, in order
@@ -287,7 +289,8 @@ def test_msbench_small_generates_evaluates_and_reports_with_m_dino_and_published
     run = tmp_path / "run"
     only = "benchmark.only=[living_wholewearing-cat+dress-p0,living_object_scene-cat+backpack+forest-p0]"
     with pytest.warns(UserWarning, match=r"\['cat'\] own no token"):  # the nested boxes, at the tiny model's grids
-        summary = run_generation(make_cfg(run, "benchmark=msbench_small", only, tiny_root=tiny_root, data=ROOT))
+        summary = run_generation(make_cfg(run, "benchmark=msbench_small", only, "benchmark.seeds=[0]",
+                                          tiny_root=tiny_root, data=ROOT))
     assert sorted(summary.generated) == ["images/anyms/living_object_scene-cat+backpack+forest-p0/0.png",
                                          "images/anyms/living_wholewearing-cat+dress-p0/0.png"]
     run_evaluation(eval_cfg(run, tiny_root=tiny_eval_root))
