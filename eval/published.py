@@ -20,7 +20,9 @@ from typing import Iterable, Sequence
 PUBLISHED_FILE = Path(__file__).with_name("published.json")
 REPORT_SCALE = 100.0  # the report shows 100 x cosine
 HEADERS = {"clip_i": "CLIP-I", "dino": "DINO", "m_dino": "M-DINO", "clip_t": "CLIP-T", "dreamsim": "DreamSim",
-           "iou": "mIoU", "ap50": "AP50"}
+           "iou": "mIoU", "ap50": "AP50", "seconds": "Time (s)", "memory_gb": "Memory (GB)",
+           "concept_alignment": "Concept alignment", "text_alignment": "Text alignment",
+           "layout_control": "Layout control", "overall_quality": "Overall quality"}
 SECTION_TITLE = "Published (not measured here)"
 
 # combination ids of the benchmarks (eval/ knows nothing of anyms/: the formats are restated here, and a
@@ -42,14 +44,19 @@ def load_published(path: str | Path | None = None) -> dict:
     return _load(str(path or PUBLISHED_FILE))
 
 
-def benchmark_entry(benchmark: str | None, path: str | Path | None = None) -> dict:
-    return load_published(path)["benchmarks"].get(benchmark or "", {}) if benchmark else {}
+def benchmark_entry(benchmark: str | None, path: str | Path | None = None, table: str = "table1") -> dict:
+    """A benchmark's published table: ``table1`` is the entry named by the benchmark, other tables
+    ``<benchmark>:<table>`` (``anyms11:table2``)."""
+    if not benchmark:
+        return {}
+    key = benchmark if table == "table1" else f"{benchmark}:{table}"
+    return load_published(path)["benchmarks"].get(key, {})
 
 
-def published_rows(benchmark: str | None, path: str | Path | None = None) -> list[dict]:
-    """The published rows of a benchmark (empty when none are kept), each marked ``published: True`` and
-    carrying its source and scale; values as printed."""
-    entry = benchmark_entry(benchmark, path)
+def published_rows(benchmark: str | None, path: str | Path | None = None, table: str = "table1") -> list[dict]:
+    """The published rows of a benchmark's table (empty when none are kept), each marked ``published: True``
+    and carrying its source and scale; values as printed."""
+    entry = benchmark_entry(benchmark, path, table)
     return [{**row, "published": True, "source": entry.get("source"), "scale": entry.get("scale", 1.0)}
             for row in entry.get("rows", [])]
 
@@ -66,27 +73,37 @@ def benchmark_of(combination_ids: Iterable[str]) -> str | None:
 
 
 def published_markdown(benchmark: str | None, columns: Sequence[str] | None = None,
-                       path: str | Path | None = None) -> str:
+                       path: str | Path | None = None, table: str = "table1") -> str:
     """A Markdown section of the benchmark's published rows, each method marked "(published)", on the
-    report's 0-100 scale with the printed value in brackets; "" when no rows are kept for it."""
-    entry = benchmark_entry(benchmark, path)
-    rows = published_rows(benchmark, path)
+    report's 0-100 scale with the printed value in brackets where the paper's scale differs (values it prints on
+    that scale already, and time or memory, as printed); "" when no rows are kept for it."""
+    entry = benchmark_entry(benchmark, path, table)
+    rows = published_rows(benchmark, path, table)
     if not rows:
         return ""
     metrics = list(columns or entry.get("metrics") or [k for k in HEADERS if k in rows[0]])
     factor = REPORT_SCALE / float(entry.get("scale", 1.0))
-    header = ["Method"] + [HEADERS.get(m, m) for m in metrics] + ["Base model"]
+    unscaled = set(entry.get("unscaled") or [])
+    header = ["Method"] + [HEADERS.get(m, m) for m in metrics] + ["Base model / note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [f"{row['method']} (published)"]
         for m in metrics:
             v = row.get(m)
-            cells.append("-" if v is None else f"{v * factor:.1f} [{v:g}]")
-        cells.append(str(row.get("base_model") or "-"))
+            if v is None:
+                cells.append("-")
+            elif m in unscaled:
+                cells.append(f"{v:g}")
+            elif factor == 1.0:  # printed on the report's scale: as printed, two decimals
+                cells.append(f"{v:.2f}")
+            else:
+                cells.append(f"{v * factor:.1f} [{v:g}]")
+        cells.append(str(row.get("base_model") or row.get("note") or "-"))
         lines.append("| " + " | ".join(cells) + " |")
     note = entry.get("protocol_note", "")
     return (f"## {SECTION_TITLE}\n\n"
             f"Reference rows from {entry.get('source')}{' <' + entry['url'] + '>' if entry.get('url') else ''}. "
             "Not computed by this harness and "
-            "never part of the means above; shown x 100 with the printed value in brackets.\n\n"
+            "never part of the means above"
+            + ("; shown x 100 with the printed value in brackets" if factor != 1.0 else "; as printed") + ".\n\n"
             + "\n".join(lines) + "\n\n" + (f"Protocol: {note}\n" if note else ""))
