@@ -272,7 +272,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
         grids = pipeline.cross_attention_grids(result.image.height, result.image.width)
         runfolder.append_record(records, {**maps,
             "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
-            "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
+            "benchmark": str(cfg.benchmark.name), "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
             "subjects": [
                 {"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box), "scale": s.scale,
                  "references": [str(p) for p in refs]}

@@ -67,10 +67,11 @@ def import_images(source: str | Path, method: str, benchmark, data_root, run_dir
     with writer_lock(run_dir, "generate", f"{method}.0-of-1"):  # the records file a generation of it would write
         if not overwrite:
             check_not_overwriting(run_dir, method, source)
-        return _import(source, method, combos, seeds, run_dir, pattern, strict)
+        return _import(source, method, combos, seeds, run_dir, pattern, strict, benchmark.get("name", "?"))
 
 
-def _import(source: Path, method: str, combos, seeds, run_dir: Path, pattern: str, strict: bool) -> ImportSummary:
+def _import(source: Path, method: str, combos, seeds, run_dir: Path, pattern: str, strict: bool,
+            benchmark_name: str) -> ImportSummary:
     summary = ImportSummary(run_dir, method)
     records = runfolder.records_file(run_dir, method, (0, 1))
     prov = runfolder.provenance()
@@ -91,7 +92,7 @@ def _import(source: Path, method: str, combos, seeds, run_dir: Path, pattern: st
             runfolder.save_png(image, run_dir / rel)
             runfolder.append_record(records, {
                 "image": rel, "image_sha256": runfolder.file_digest(run_dir / rel), "combination": combo.id,
-                "method": method, "seed": int(seed), "prompt": combo.prompt,
+                "method": method, "seed": int(seed), "prompt": combo.prompt, "benchmark": str(benchmark_name),
                 "n_subjects": len(combo.layout), "width": image.width, "height": image.height,
                 "subjects": [{"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box),
                               "scale": s.scale, "references": [str(p) for p in refs]}
