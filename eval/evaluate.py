@@ -374,7 +374,7 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
                 for row in r_rows:
                     row.update({"config_hash": record["config_hash"], "eval_hash": eval_hash,
                                 "model": (record["model"] or {}).get("name", "?"), "image_sha256": sha,
-                                "eval_git_hash": git})
+                                "record_key": keys[record["image"]][2], "eval_git_hash": git})
                 keys[record["image"]] = (record["image"], sha, keys[record["image"]][2])
                 store.add(keys[record["image"]], eval_hash, r_rows, r_dets, git)
                 summary.scored.append(record["image"])
