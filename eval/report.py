@@ -317,7 +317,8 @@ def settings_of(record: dict, run_name: str) -> dict:
         flat.update(_flatten(record["settings"]))
     else:
         flat["run"] = run_name
-    flat.update({"device": record.get("device"), "dtype": record.get("dtype")})
+    # the device's type: shards on cuda:0 and cuda:1 make one configuration
+    flat.update({"device": str(record.get("device")).split(":")[0], "dtype": record.get("dtype")})
     return flat
 
 

@@ -234,8 +234,9 @@ def test_the_report_stamps_what_made_the_images_and_metrics_and_memory_is_na_on_
     path = runfolder.records_file(tmp_path, "anyms", (0, 1))
     runfolder.append_record(path, record(tmp_path, "anyms", "c01", 0, git_hash="gen-git-1"))
     runfolder.append_record(path, record(tmp_path, "anyms", "c01", 1, git_hash="gen-git-2"))
-    runfolder.append_record(runfolder.records_file(tmp_path, "gpu", (0, 1)),
-                            record(tmp_path, "gpu", "c01", 0, device="cuda:0", peak_memory_bytes=3 * 2**30))
+    for seed, device in ((0, "cuda:0"), (1, "cuda:1")):  # two shards on two GPUs: one configuration
+        runfolder.append_record(runfolder.records_file(tmp_path, "gpu", (0, 1)),
+                                record(tmp_path, "gpu", "c01", seed, device=device, peak_memory_bytes=3 * 2**30))
     run_evaluation(colour_cfg(tmp_path))
     summary = run_report([tmp_path], tmp_path / "report", BOOT)
     md = (tmp_path / "report" / "table1.md").read_text()
