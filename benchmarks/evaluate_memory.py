@@ -150,8 +150,8 @@ def main(argv=None) -> None:
     stem = f"{datetime.date.today().isoformat()}-cpu{os.cpu_count()}-evaluate_memory{args.label}"
     runfolder.write_json(out / f"{stem}.json", result)
     runfolder.atomic_write(out / f"{stem}.md", lambda p: p.write_text(
-        f"# Evaluation memory against the number of images\n\n{md}\n\ngit {result['git_hash']}; "
-        f"load average {load}\n"))
+        f"# Evaluation memory against the number of images\n\n{md}\n\nscripts/evaluate.py of {args.repo}; benchmark at git "
+        f"{result['git_hash']}; load average {load}\n"))
     print(f"\nwrote {out / stem}.md and .json")
 
 
