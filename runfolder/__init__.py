@@ -117,8 +117,20 @@ def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict
 
     A file's last line that is not JSON is a write cut by a crash (a torn line): it is reported (a warning
     naming the file) and skipped, the file left as it is, so the image it described counts as not made yet.
-    A line that is not JSON anywhere else stops, naming file:line and the fix."""
+    A torn line that a later record was appended to (the crash, then a resumed run: the record follows the
+    fragment on the same line) is reported the same way and the record read. A line that is not JSON
+    anywhere else stops, naming file:line and the fix."""
     import logging
+
+    def glued(line: str) -> dict | None:
+        """The whole record that ends ``line`` after a torn fragment, if it is one (``{`` to the line's end)."""
+        for i in [i for i, c in enumerate(line) if c == "{" and i > 0]:
+            try:
+                record = json.loads(line[i:])
+            except json.JSONDecodeError:
+                continue
+            return record if isinstance(record, dict) and "image" in record else None
+        return None
 
     folder = Path(run_dir) / RECORDS
     newest: dict[str, dict] = {}
@@ -132,15 +144,18 @@ def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                if n == last:
-                    logging.getLogger(__name__).warning(
-                        "%s: its last line (%d) is torn, a record cut by a crash (%s); ignoring it: the image it "
-                        "described counts as not made yet", path, n, err.msg)
+                record = glued(line)
+                if record is None and n != last:
+                    raise RunFolderError(
+                        f"{where}: not a JSON object ({err.msg}); if a crash cut this record and a later one was "
+                        f"appended to it, delete line {n} (its image is then made again by generate) and run again"
+                    ) from None
+                logging.getLogger(__name__).warning(
+                    "%s: line %d is torn, a record cut by a crash (%s); %s", path, n, err.msg,
+                    "ignoring it: the image it described counts as not made yet" if record is None else
+                    "reading the record appended after it")
+                if record is None:
                     continue
-                raise RunFolderError(
-                    f"{where}: not a JSON object ({err.msg}); if a crash cut this record and a later one was "
-                    f"appended to it, delete line {n} (its image is then made again by generate) and run again"
-                ) from None
             if validate:
                 validate_record(record, where)
             key = record.get("image")
