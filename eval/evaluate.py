@@ -12,6 +12,7 @@ image against the prompt. Nothing is NaN: an undetected subject has IoU 0 and ``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.parquet"
 DETECTIONS_FILE = "detections.parquet"
 EVAL_CONFIG_FILE = "eval_config.json"
+STORE_FILE = "evaluation.sqlite"  # the images scored so far (ScoreStore); metrics.parquet is merged from it
 KNOWN_METRICS = ("miou", "miou_hungarian", "ap50", "clip_i", "dino", "dreamsim", "clip_t", "m_dino")
 # identity metric -> (config key of its scorer, the scorer's method giving L2-normalized embeddings)
 IDENTITY = {"clip_i": ("clip", "image_features"), "dino": ("dino", "features"), "dreamsim": ("dreamsim", "embed")}
@@ -208,11 +210,122 @@ def read_table(path: Path) -> pd.DataFrame:
         raise EvaluationError(f"{path}: cannot be read ({err}); move it away to re-evaluate from scratch") from None
 
 
+class ScoreStore:
+    """The images scored so far, one row each, committed as soon as the image is scored.
+
+    SQLite (the standard library's ``sqlite3``) rather than parquet parts: one file, and each image's metric
+    and detection rows go in with one transaction that is on disk when ``commit`` returns (journal, fsync;
+    ``synchronous=FULL``), so a SIGKILL loses at most the image in flight and never leaves half an image,
+    without hundreds of small files or a rename protocol. The rows themselves are stored as JSON lists (their
+    columns depend on the metrics asked for); ``metrics.parquet`` and ``detections.parquet`` are merged from
+    here at the end of a run. A row is keyed by what decides its numbers: the image's path, the sha256 of its
+    bytes as scored, the evaluation config's hash and the hash of the record fields scoring reads."""
+
+    def __init__(self, path: Path):
+        import sqlite3
+
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None)  # explicit transactions below
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute(
+                "CREATE TABLE IF NOT EXISTS scored (image TEXT NOT NULL, image_sha256 TEXT NOT NULL, "
+                "eval_hash TEXT NOT NULL, record_key TEXT NOT NULL, git_hash TEXT, created REAL, metrics TEXT NOT NULL, "
+                "detections TEXT NOT NULL, PRIMARY KEY (image, image_sha256, eval_hash, record_key))")
+        except sqlite3.DatabaseError as err:
+            raise EvaluationError(f"{path}: cannot be read ({err}); move it away to re-evaluate from scratch") from None
+
+    def done(self, eval_hash: str) -> set[tuple[str, str, str]]:
+        rows = self.db.execute("SELECT image, image_sha256, record_key FROM scored WHERE eval_hash = ?", (eval_hash,))
+        return set(rows)
+
+    def add(self, key: tuple[str, str, str], eval_hash: str, rows: list[dict], dets: list[dict], git_hash: str) -> None:
+        import json
+        import time
+
+        image, sha, record_key = key
+        with self.db:  # one transaction: both lists or neither
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT OR REPLACE INTO scored VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            (image, sha, eval_hash, record_key, git_hash, time.time(), json.dumps(rows), json.dumps(dets)))
+
+    def rows(self, keys: Sequence[tuple[str, str, str]], eval_hash: str) -> tuple[list[dict], list[dict]]:
+        """The metric and detection rows of ``keys``, in their order, one key at a time (memory: the rows only)."""
+        import json
+
+        metrics, dets = [], []
+        for image, sha, record_key in keys:
+            hit = self.db.execute("SELECT metrics, detections FROM scored WHERE image = ? AND image_sha256 = ? AND "
+                                  "eval_hash = ? AND record_key = ?", (image, sha, eval_hash, record_key)).fetchone()
+            if hit is not None:
+                metrics += json.loads(hit[0])
+                dets += json.loads(hit[1])
+        return metrics, dets
+
+    def prune(self, current: set[tuple[str, str, str]]) -> int:
+        """Forgets rows of images that are gone or changed (any evaluation config); returns how many."""
+        stale = [k for k in self.db.execute("SELECT DISTINCT image, image_sha256, record_key FROM scored")
+                 if tuple(k) not in current]
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany("DELETE FROM scored WHERE image = ? AND image_sha256 = ? AND record_key = ?", stale)
+        return len(stale)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def read_image_bytes(path: Path) -> bytes:
+    if not path.exists():
+        raise EvaluationError(f"{path}: image named by its record is missing (regenerate it, or remove its record)")
+    return path.read_bytes()
+
+
+def decode_image(path: Path, data: bytes, verify_only: bool = False) -> Image.Image | None:
+    """The image of ``data`` (the bytes of ``path``) in RGB; ``verify_only``: check it is readable, decode nothing."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()
+        if verify_only:
+            return None
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise EvaluationError(f"{path}: not a readable image ({err}); regenerate it (delete the file and run generate)") from None
+
+
+def record_key(record: dict, reference_digest) -> str:
+    """Hash of what scoring reads from a record besides the image: the request (prompt, subjects, boxes), the
+    content of the references, and the fields copied into the rows."""
+    fields = ("image", "combination", "method", "seed", "prompt", "n_subjects", "width", "height", "model",
+              "config_hash", "subjects")
+    return runfolder.config_hash({
+        **{k: record.get(k) for k in fields},
+        "reference_sha256": [[reference_digest(p) for p in s["references"]] for s in record["subjects"]],
+    })
+
+
 def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
-    run_dir = Path(cfg.run_dir)
+    """Scores the run folder's images not scored yet (by content, see :class:`ScoreStore`), one at a time:
+    each is read, hashed, decoded, scored, committed and released before the next; then merges
+    ``metrics.parquet`` and ``detections.parquet`` for the images the records name now. One evaluation per
+    run folder at a time (``locks/evaluate.metrics.lock``)."""
+    from runfolder.lock import writer_lock
+
     metrics = check_metrics(list(cfg.eval.metrics))
     if "m_dino" in metrics and "dino" not in metrics:
         metrics.append("dino")
+    run_dir = Path(cfg.run_dir)
+    with writer_lock(run_dir, "evaluate", "metrics"):
+        return _run_evaluation(cfg, run_dir, metrics)
+
+
+def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> EvaluationSummary:
+    import time
+    from functools import lru_cache
+
     records = runfolder.read_records(run_dir)  # validated against the schema: names file, line and field
     missing = sorted(runfolder.planned_images(run_dir) - {r["image"] for r in records})
     if missing:  # shards still running or failed: score what is there, say what is not
@@ -221,48 +334,65 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     if not records:
         raise EvaluationError(f"{run_dir}: no records in {run_dir / runfolder.RECORDS}; run generate (or import) first")
     eval_hash = runfolder.config_hash(eval_identity(cfg.eval))
-    old_metrics = read_table(run_dir / METRICS_FILE)
-    old_dets = read_table(run_dir / DETECTIONS_FILE)
-    if len(old_metrics):
-        current = old_metrics["eval_hash"] == eval_hash
-        done = set(old_metrics.loc[current, "image"] + "@" + old_metrics.loc[current, "config_hash"])
-    else:
-        done = set()
-    todo = [r for r in records if f"{r['image']}@{r['config_hash']}" not in done]
-    summary = EvaluationSummary(run_dir, planned=len(records), skipped=len(records) - len(todo), missing=missing)
-    if not todo:
-        return summary
-    images = {r["image"]: open_checked(run_dir / r["image"]) for r in todo}  # every image readable before models load
 
-    detector, segmenter, scorers = load_evaluators(cfg.eval, metrics)
-    refs = ReferenceCache(detector, segmenter, scorers, metrics, float(cfg.eval.box_threshold), float(cfg.eval.text_threshold))
-    rows, det_rows = [], []
-    import time
+    @lru_cache(maxsize=None)
+    def reference_digest(path: str) -> str | None:
+        return runfolder.file_digest(path) if Path(path).is_file() else None  # a missing one fails when scored
 
-    start = time.perf_counter()
-    for record in tqdm(todo, desc="evaluate", unit="img", disable=not cfg.progress):
-        r_rows, r_dets = score_image(record, images[record["image"]], detector, segmenter, scorers, refs, cfg.eval, metrics)
-        for row in r_rows:
-            row.update({"config_hash": record["config_hash"], "eval_hash": eval_hash,
-                        "model": (record["model"] or {}).get("name", "?")})
-        rows += r_rows
-        det_rows += r_dets
-        summary.scored.append(record["image"])
-    summary.seconds_per_image = (time.perf_counter() - start) / len(todo)
+    # every image readable before models load, and its content digest (the bytes hashed and checked, not kept)
+    keys: dict[str, tuple[str, str, str]] = {}
+    for r in records:
+        path = run_dir / r["image"]
+        data = read_image_bytes(path)
+        decode_image(path, data, verify_only=True)
+        sha = hashlib.sha256(data).hexdigest()
+        del data
+        if r.get("image_sha256") and r["image_sha256"] != sha:
+            log.warning("%s: its bytes are not those its record names (image_sha256 %s..., file %s...): replaced "
+                        "after generation? Scoring the file as it is", path, r["image_sha256"][:12], sha[:12])
+        keys[r["image"]] = (r["image"], sha, record_key(r, reference_digest))
 
-    new = pd.DataFrame(rows)
-    scored = set(new["image"])
-    keep_old = old_metrics[~old_metrics["image"].isin(scored)] if len(old_metrics) else old_metrics
-    table = pd.concat([keep_old, new], ignore_index=True).sort_values(["method", "combination", "seed", "subject"])
+    store = ScoreStore(run_dir / STORE_FILE)
+    try:
+        done = store.done(eval_hash)
+        todo = [r for r in records if keys[r["image"]] not in done]
+        summary = EvaluationSummary(run_dir, planned=len(records), skipped=len(records) - len(todo), missing=missing)
+        if todo:
+            detector, segmenter, scorers = load_evaluators(cfg.eval, metrics)
+            refs = ReferenceCache(detector, segmenter, scorers, metrics, float(cfg.eval.box_threshold),
+                                  float(cfg.eval.text_threshold))
+            git = runfolder.git_hash()
+            start = time.perf_counter()
+            for record in tqdm(todo, desc="evaluate", unit="img", disable=not cfg.progress):
+                path = run_dir / record["image"]
+                data = read_image_bytes(path)
+                sha = hashlib.sha256(data).hexdigest()  # the bytes scored: a file replaced since is caught next run
+                image = decode_image(path, data)
+                del data
+                r_rows, r_dets = score_image(record, image, detector, segmenter, scorers, refs, cfg.eval, metrics)
+                del image
+                for row in r_rows:
+                    row.update({"config_hash": record["config_hash"], "eval_hash": eval_hash,
+                                "model": (record["model"] or {}).get("name", "?"), "image_sha256": sha,
+                                "record_key": keys[record["image"]][2], "eval_git_hash": git})
+                keys[record["image"]] = (record["image"], sha, keys[record["image"]][2])
+                store.add(keys[record["image"]], eval_hash, r_rows, r_dets, git)
+                summary.scored.append(record["image"])
+            summary.seconds_per_image = (time.perf_counter() - start) / len(todo)
+
+        # merge: the rows of the images the records name now, with the content they have now
+        current = [keys[r["image"]] for r in records]
+        rows, det_rows = store.rows(current, eval_hash)
+        store.prune(set(current))
+    finally:
+        store.close()
+    table = pd.DataFrame(rows).sort_values(["method", "combination", "seed", "subject"]).reset_index(drop=True)
     dets = pd.DataFrame(det_rows, columns=["image", "method", "combination", "phrase", "score", "x0", "y0", "x1", "y1"])
-    keep_dets = old_dets[~old_dets["image"].isin(scored)] if len(old_dets) else old_dets
-    dets = pd.concat([keep_dets, dets], ignore_index=True)
-    # detections first: metrics.parquet is what marks an image as done
     runfolder.atomic_write(run_dir / DETECTIONS_FILE, lambda tmp: dets.to_parquet(tmp, index=False))
-    runfolder.atomic_write(run_dir / METRICS_FILE, lambda tmp: table.reset_index(drop=True).to_parquet(tmp, index=False))
+    runfolder.atomic_write(run_dir / METRICS_FILE, lambda tmp: table.to_parquet(tmp, index=False))
     eval_config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash, **runfolder.provenance()}
     runfolder.write_json(run_dir / EVAL_CONFIG_FILE, eval_config)
-    if cfg.get("wandb") and cfg.wandb.enabled:
+    if summary.scored and cfg.get("wandb") and cfg.wandb.enabled:
         from eval.wandb_log import log_evaluation
 
         log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb))

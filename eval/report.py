@@ -4,7 +4,7 @@ Aggregation (DESIGN.md section 3): a subject-level metric is averaged over an im
 the images of each combination, then over combinations (paper Table 1); each mean carries a bootstrap 95%
 interval that resamples images within each combination. AP@50 is pooled over all images of a method by
 pycocotools, its interval by the same resampling. Time is the mean seconds per image with each process's
-first image left out (warm-up); memory the mean peak.
+first image left out (warm-up); memory the mean peak CUDA memory per image (n/a on the CPU).
 """
 
 from __future__ import annotations
@@ -112,7 +112,10 @@ def time_memory(records: pd.DataFrame) -> dict[str, dict]:
             plain = warm[warm["attention_maps"].isna()]
             warm = plain if len(plain) else warm
         seconds = pd.to_numeric(warm["seconds"], errors="coerce").dropna()
-        memory = pd.to_numeric(g["peak_memory_bytes"], errors="coerce").dropna()
+        # on the CPU the record holds the process's peak RSS, which never resets: it would depend on what ran
+        # before in the process, so memory is only given for images made on CUDA (peak allocated per image)
+        on_cuda = g["device"].astype(str).str.startswith("cuda")
+        memory = pd.to_numeric(g["peak_memory_bytes"], errors="coerce").dropna() if on_cuda.all() else pd.Series(dtype=float)
         out[method] = {
             "time_s": float(seconds.mean()) if len(seconds) else float("nan"),
             "memory_gib": float(memory.mean() / 2**30) if len(memory) else float("nan"),
@@ -162,6 +165,8 @@ def by_subject_count(metrics: pd.DataFrame, detections: pd.DataFrame, columns: S
     return pd.DataFrame(rows)
 
 
+MEMORY_NOTE = ("Memory: peak CUDA memory allocated per image (GiB); n/a on the CPU, where the records hold the "
+               "process's peak RSS, which never resets (a number that would depend on which method ran first).\n\n")
 HEADERS = {"ap50": ("AP50", 1), **IMAGE_METRICS, "time_s": ("Time (s/img)", 2), "memory_gib": ("Memory (GiB)", 2),
            "attn_in_box_image": ("Image attn in box (%)", 1), "attn_in_box_text": ("Text attn in box (%)", 1)}
 ATTENTION_COLUMNS = ["attn_in_box_image", "attn_in_box_text"]
@@ -191,7 +196,8 @@ def display_table(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
         if f"{col}_lo" in table:
             out[header] = [Estimate(r[col], r[f"{col}_lo"], r[f"{col}_hi"], 0).text(decimals) for _, r in table.iterrows()]
         else:
-            out[header] = [f"{v:.{decimals}f}" if np.isfinite(v) else "-" for v in table[col]]
+            missing = "n/a" if col == "memory_gib" else "-"
+            out[header] = [f"{v:.{decimals}f}" if np.isfinite(v) else missing for v in table[col]]
     out["Images"] = table["n_images"] if "n_images" in table else None
     return out
 
@@ -245,22 +251,129 @@ def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> N
 
 # --- the report stage ---------------------------------------------------------------------------------
 
-def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict]:
+def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict, dict]:
+    """A run folder's metrics, detections, records and evaluation config, restricted to what exists: the
+    metrics of images whose records name them, whose files are there and have the content that was scored.
+    Metrics of images gone (a method's images and records removed) are left out; an image changed since it
+    was scored stops the report (run evaluate). Also a few counts for the tables' headers."""
     import json
+    from functools import lru_cache
     from pathlib import Path
 
     import runfolder
-    from eval.evaluate import DETECTIONS_FILE, EVAL_CONFIG_FILE, METRICS_FILE, EvaluationError, read_table
+    from eval.evaluate import DETECTIONS_FILE, EVAL_CONFIG_FILE, METRICS_FILE, EvaluationError, read_table, record_key
 
     run_dir = Path(run_dir)
     metrics = read_table(run_dir / METRICS_FILE)
     if metrics.empty:
         raise EvaluationError(f"{run_dir / METRICS_FILE}: missing or empty; run evaluate on {run_dir} first")
-    detections = read_table(run_dir / DETECTIONS_FILE)
-    records = runfolder.read_records(run_dir)
     config_path = run_dir / EVAL_CONFIG_FILE
-    eval_config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return metrics, detections, records, eval_config
+    if not config_path.exists():
+        raise EvaluationError(f"{config_path}: missing (evaluate writes it beside {METRICS_FILE}, naming the evaluation "
+                              f"config the numbers come from); run evaluate on {run_dir}")
+    eval_config = json.loads(config_path.read_text())
+    if "image_sha256" not in metrics or "record_key" not in metrics:
+        raise EvaluationError(f"{run_dir / METRICS_FILE}: written before metrics were keyed by image content (no "
+                              f"image_sha256 column); run evaluate on {run_dir} again")
+    detections = read_table(run_dir / DETECTIONS_FILE)
+    records = {r["image"]: r for r in runfolder.read_records(run_dir)}
+    scored = metrics.drop_duplicates("image").set_index("image")
+    reference_digest = lru_cache(maxsize=None)(lambda p: runfolder.file_digest(p) if Path(p).is_file() else None)
+    gone, changed = [], []
+    for image, row in scored.iterrows():
+        record, path = records.get(image), run_dir / image
+        if record is None or not path.is_file():
+            gone.append(image)
+        elif (runfolder.file_digest(path) != row["image_sha256"]
+              or record_key(record, reference_digest) != row.get("record_key")):
+            changed.append(image)
+    if changed:
+        raise EvaluationError(f"{run_dir / changed[0]}: image changed since it was scored (its file or its record is "
+                              f"newer than {METRICS_FILE}; {len(changed)} image(s) in all); run evaluate on {run_dir} "
+                              "first")
+    metrics = metrics[~metrics["image"].isin(gone)].reset_index(drop=True)
+    if len(detections):
+        detections = detections[detections["image"].isin(set(metrics["image"]))].reset_index(drop=True)
+    in_tables = set(metrics["image"])
+    notes = {"gone": len(gone), "unscored": sorted(set(records) - in_tables)}
+    return metrics, detections, [r for i, r in records.items() if i in in_tables], eval_config, notes
+
+
+def _flatten(obj, prefix: str = "") -> dict:
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+def settings_of(record: dict, run_name: str) -> dict:
+    """What decides a method's images apart from the combination and seed, flattened (``model.pretrained``,
+    ``method.adapter_scale``, ``generation.steps``, ``device``, ``dtype``). Records without ``settings`` (written
+    before it existed, or imported) cannot say how they were made, so their run folder stands in for it."""
+    flat = {f"model.{k}": v for k, v in _flatten(record.get("model") or {}).items()}
+    if isinstance(record.get("settings"), dict):
+        flat.update(_flatten(record["settings"]))
+    else:
+        flat["run"] = run_name
+    # the device's type: shards on cuda:0 and cuda:1 make one configuration
+    flat.update({"device": str(record.get("device")).split(":")[0], "dtype": record.get("dtype")})
+    return flat
+
+
+def setting_labels(record_runs: Sequence[tuple[dict, str]], split: bool) -> list[str]:
+    """The table row of each (record, run folder name): its method, or with ``split`` and where the method's
+    images were made with different settings, ``method [field=value, ...]`` naming the fields that differ.
+    Without ``split`` such a method is refused, naming the fields."""
+    import json
+
+    from eval.evaluate import EvaluationError
+
+    flat = [settings_of(r, name) for r, name in record_runs]
+    labels = [r["method"] for r, _ in record_runs]
+    by_method: dict[str, list[int]] = {}
+    for i, (r, _) in enumerate(record_runs):
+        by_method.setdefault(r["method"], []).append(i)
+    for method, idx in sorted(by_method.items()):
+        keys = sorted({k for i in idx for k in flat[i]})
+        differing = [k for k in keys if len({json.dumps(flat[i].get(k), sort_keys=True, default=str) for i in idx}) > 1]
+        if not differing:
+            continue
+        def values(k):  # numbers in numeric order
+            vs = {flat[i].get(k) for i in idx if not isinstance(flat[i].get(k), (list, dict))}
+            vs |= {str(flat[i].get(k)) for i in idx if isinstance(flat[i].get(k), (list, dict))}
+            numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+            return [str(v) for v in sorted(vs, key=lambda v: (0, v, "") if numeric(v) else (1, 0, str(v)))]
+        if not split:
+            fields = ", ".join(f"{'run folder' if k == 'run' else k} ({' vs '.join(values(k))})" for k in differing)
+            raise EvaluationError(
+                f"method {method}: its images were made with different settings, {fields}: one row would pool them; "
+                "pass split=true to show one row per setting (named by the differing fields), or report them apart")
+        short = {k: k.rsplit(".", 1)[-1] for k in differing}
+        if len(set(short.values())) < len(short):  # two fields with the same last name: name them in full
+            short = {k: k for k in differing}
+        for i in idx:
+            labels[i] = f"{method} [" + ", ".join(f"{short[k]}={flat[i].get(k)}" for k in differing) + "]"
+    return labels
+
+
+def _provenance(records: pd.DataFrame, metrics: pd.DataFrame) -> dict:
+    """What produced the images (their records' git hashes and versions) and the metrics (the git hashes
+    stored with each scored image), every distinct value, and the report's own."""
+    import runfolder
+
+    def distinct(values) -> list[str]:
+        return sorted({str(v) for v in values if v is not None and v == v})
+
+    versions = records["versions"] if "versions" in records else pd.Series(dtype=object)
+    return {
+        "images_git": distinct(records.get("git_hash", [])),
+        "images_torch": distinct(v.get("torch") for v in versions if isinstance(v, dict)),
+        "images_diffusers": distinct(v.get("diffusers") for v in versions if isinstance(v, dict)),
+        "metrics_git": distinct(metrics.get("eval_git_hash", [])),
+        "report_git": runfolder.git_hash(),
+    }
 
 
 def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -318,10 +431,12 @@ def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_
 
 
 def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None,
-               figures: dict | None = None) -> dict:
+               figures: dict | None = None, split: bool = False) -> dict:
     """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv} and report.json into ``out_dir``; with
     attention maps in the runs also attention.{md,csv} and attention/ figures (``figures["attention"]``
-    (combination, seed) pairs, default 4)."""
+    (combination, seed) pairs, default 4). A row is one method under one configuration: a method whose
+    images were made with different settings (or in run folders that cannot say theirs) is refused naming
+    the fields, or with ``split`` shown as one row per setting, ``method [field=value]``."""
     from pathlib import Path
 
     import runfolder
@@ -331,30 +446,50 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     figures = dict(figures or {})
 
     runs = [_read_run(d) for d in run_dirs]
-    hashes = {cfg.get("eval_hash") for *_, cfg in runs}
+    hashes = {r[3].get("eval_hash") for r in runs}
     if len(hashes) > 1:  # numbers side by side must come from the same evaluation
         first = runs[0][3].get("eval", {})
-        for (_, _, _, cfg), d in zip(runs[1:], run_dirs[1:]):
-            diff = _differing_fields(first, cfg.get("eval", {}))
+        for r, d in zip(runs[1:], run_dirs[1:]):
+            diff = _differing_fields(first, r[3].get("eval", {}))
             if diff:
                 raise EvaluationError(
                     f"{d} was evaluated with another config than {run_dirs[0]}: eval.{', eval.'.join(diff)}; "
                     "re-evaluate one of them with the other's eval config"
                 )
-    metrics = pd.concat([r[0] for r in runs], ignore_index=True)
-    detections = pd.concat([r[1] for r in runs], ignore_index=True)
-    records = pd.DataFrame([rec for r in runs for rec in r[2]])
-    record_runs = [(rec, d) for r, d in zip(runs, run_dirs) for rec in r[2]]  # (record, its run folder)
+    # one row per method and configuration; with several run folders an image is named by its folder too
+    names = [Path(str(d)).name for d in run_dirs]
+    names = names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+    labels = iter(setting_labels([(rec, name) for r, name in zip(runs, names) for rec in r[2]], split))
+    qualify = len(run_dirs) > 1
+    metric_parts, detection_parts, record_dicts, record_runs = [], [], [], []
+    for (m, det, recs, _, _), d in zip(runs, run_dirs):
+        label_of = {rec["image"]: next(labels) for rec in recs}
+        key = (lambda image, d=d: str(Path(str(d)) / image)) if qualify else (lambda image: image)
+        m = m.assign(method=m["image"].map(label_of), image=m["image"].map(key))
+        if len(det):
+            det = det.assign(method=det["image"].map(label_of), image=det["image"].map(key))
+        metric_parts.append(m)
+        detection_parts.append(det)
+        for rec in recs:
+            record_dicts.append({**rec, "method": label_of[rec["image"]], "image": key(rec["image"])})
+            record_runs.append(({**rec, "method": label_of[rec["image"]]}, d))  # (record, its run folder)
+    metrics = pd.concat(metric_parts, ignore_index=True)
+    detections = pd.concat(detection_parts, ignore_index=True)
+    records = pd.DataFrame(record_dicts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, tiny = models_header(records, [r[3] for r in runs])
     samples, ap_samples, seed = int(bootstrap["samples"]), int(bootstrap["ap_samples"]), int(bootstrap["seed"])
     devices = ",".join(sorted(records["device"].astype(str).unique()))
     dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
-    versions = records["versions"].iloc[0] if len(records) else {}
-    stamp = (f"{header} Device {devices}, dtype {dtypes}; torch {versions.get('torch')}, diffusers "
-             f"{versions.get('diffusers')}; git {runfolder.git_hash()}. Means over combinations of per-combination "
-             f"means, ± half the bootstrap 95% interval over images ({samples} resamples; AP50: {ap_samples}).")
+    prov = _provenance(records, metrics)
+    unscored = sum(len(r[4]["unscored"]) for r in runs)
+    stamp = (f"{header} Device {devices}, dtype {dtypes}. Provenance: images git {', '.join(prov['images_git'])} "
+             f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
+             f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}. Means over combinations "
+             f"of per-combination means, ± half the bootstrap 95% interval over images ({samples} resamples; AP50: "
+             f"{ap_samples})."
+             + (f" {unscored} recorded image(s) not scored yet are not in the tables (run evaluate)." if unscored else ""))
     written = {}
 
     def write_table(name: str, table: pd.DataFrame, columns: Sequence[str], caption: str, note: str = "") -> None:
@@ -382,7 +517,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         write_attention_figures(record_runs, out / "attention", int(figures.get("attention", 4)),
                                 "TINY RANDOM MODELS - " if tiny else "")
     write_table("table1", table1, table1_columns + attention_columns + ["time_s", "memory_gib"],
-                "Table 1: layout, identity and text metrics per method")
+                "Table 1: layout, identity and text metrics per method", MEMORY_NOTE)
     # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
     published = published_markdown(benchmark)
     if published:
@@ -421,7 +556,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         "finest and coarsest cross-attention grids: where it is 0 the full method and the w/o-crop-and-merge "
         f"ablation compute the same image.\n\n{markdown(overlap)}\n"))
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
-               **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
+               "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
     if (out / "attention").is_dir():
         summary["attention_figures"] = sorted(p.name for p in (out / "attention").glob("*.png"))
     runfolder.write_json(out / "report.json", summary)

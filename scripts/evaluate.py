@@ -11,13 +11,14 @@ from omegaconf import DictConfig
 import runfolder  # noqa: F401  (registers the ${device:} resolver)
 from eval.evaluate import EvaluationError, run_evaluation
 from eval.similarity import MissingWeightsError
+from runfolder.lock import RunFolderLockedError
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     try:
         summary = run_evaluation(cfg)
-    except (EvaluationError, MissingWeightsError, runfolder.RunFolderError) as err:
+    except (EvaluationError, MissingWeightsError, runfolder.RunFolderError, RunFolderLockedError) as err:
         raise SystemExit(f"evaluate: {err}") from None
     print(
         f"evaluate: {len(summary.scored)} image(s) scored, {summary.skipped} already scored, of {summary.planned}"

@@ -2,6 +2,7 @@
 
     python scripts/report.py run_dir=runs/smoke-tiny
     python scripts/report.py run_dir=runs/anyms11-sdxl 'run_dirs=[runs/anyms11-sdxl,runs/mudi-import]'
+    python scripts/report.py run_dir=runs/scale 'run_dirs=[runs/x-scale0.4,runs/x-scale1.0]' split=true
 """
 
 import hydra
@@ -17,7 +18,8 @@ def main(cfg: DictConfig) -> None:
     run_dirs = list(cfg.run_dirs) if cfg.run_dirs else [cfg.run_dir]
     try:
         summary = run_report(run_dirs, cfg.out_dir, OmegaConf.to_container(cfg.bootstrap),
-                             OmegaConf.to_container(cfg.wandb), OmegaConf.to_container(cfg.figures))
+                             OmegaConf.to_container(cfg.wandb), OmegaConf.to_container(cfg.figures),
+                             split=bool(cfg.get("split", False)))
     except (EvaluationError, runfolder.RunFolderError) as err:
         raise SystemExit(f"report: {err}") from None
     print(f"report: {', '.join(summary['files'])}\n  in {cfg.out_dir}"

@@ -156,3 +156,13 @@ def test_runner_smoke_writes_the_results_files(tiny_eval_root, monkeypatch, tmp_
     assert all(SPEC_STEP_KEYS <= r.keys() for r in results["unet_step"])
     assert all(SPEC_EVALUATE_KEYS <= r.keys() for r in results["evaluate"])
     assert "## Targets (issue 7)" in json_file.with_suffix(".md").read_text()
+
+
+def test_evaluate_memory_benchmark_smoke(tiny_eval_root, monkeypatch, tmp_path):
+    from benchmarks import evaluate_memory
+
+    monkeypatch.setenv("ANYMS_CACHE", str(tiny_eval_root.parent))  # the session's tiny evaluators
+    result = evaluate_memory.measure(counts=(2,), size=64, workdir=tmp_path)  # one evaluate process: the code path
+    (row,) = result["rows"]
+    assert row["images"] == 2 and row["peak_rss_bytes"] > 2**20 and "2 image(s) scored, 0 already" in row["summary"]
+    assert result["ratio"] == 1.0 and "| 2 |" in evaluate_memory.markdown(result)
