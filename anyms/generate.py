@@ -279,6 +279,9 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
                 for s, refs in zip(combo.layout, combo.references)
             ],
             "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
+            # what decides the images besides the model: the report splits or refuses rows that differ here
+            "settings": {"method": OmegaConf.to_container(cfg.method, resolve=True),
+                         "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
             "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
             "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
             "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},

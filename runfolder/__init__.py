@@ -197,13 +197,28 @@ def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
-    """Appends one validated line; one write call, flushed to disk, so a crash leaves whole lines."""
+    """Appends one validated line; one write call, flushed to disk. A line torn by a crash at the end of the
+    file (no newline after it) is cut off first, so the new record is never glued onto it; only the file's
+    writer (its shard's lock held) appends, so the fragment is its own."""
+    import logging
+
     validate_record(record, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(record, sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
+    with open(path, "r+b" if path.exists() else "w+b") as f:
+        data_end = f.seek(0, os.SEEK_END)
+        if data_end:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                content = f.read()
+                keep = content.rfind(b"\n") + 1
+                logging.getLogger(__name__).warning("%s: cut off a torn last line of %d bytes (a crash mid-write)",
+                                                    path, len(content) - keep)
+                f.truncate(keep)
+        f.seek(0, os.SEEK_END)
+        f.write(line.encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
