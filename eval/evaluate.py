@@ -26,15 +26,16 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import runfolder
-from eval.grounding import subject_crop
-from eval.layout_metrics import box_iou, miou_best, miou_hungarian
+from eval.grounding import pad_to_square, subject_crop
+from runfolder.references import ReferenceImageError, load_reference
+from eval.layout_metrics import assign_detections, miou_best, miou_hungarian
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.parquet"
 DETECTIONS_FILE = "detections.parquet"
 EVAL_CONFIG_FILE = "eval_config.json"
 STORE_FILE = "evaluation.sqlite"  # the images scored so far (ScoreStore); metrics.parquet is merged from it
-KNOWN_METRICS = ("miou", "miou_hungarian", "ap50", "clip_i", "dino", "dreamsim", "clip_t", "m_dino")
+KNOWN_METRICS = ("miou", "miou_best", "ap50", "clip_i", "dino", "dreamsim", "clip_t", "m_dino")
 # identity metric -> (config key of its scorer, the scorer's method giving L2-normalized embeddings)
 IDENTITY = {"clip_i": ("clip", "image_features"), "dino": ("dino", "features"), "dreamsim": ("dreamsim", "embed")}
 
@@ -67,17 +68,6 @@ def check_metrics(names: Sequence[str]) -> list[str]:
     return list(names)
 
 
-def open_checked(path: Path) -> Image.Image:
-    if not path.exists():
-        raise EvaluationError(f"{path}: image named by its record is missing (regenerate it, or remove its record)")
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return Image.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise EvaluationError(f"{path}: not a readable image ({err}); regenerate it (delete the file and run generate)") from None
-
-
 class ReferenceCache:
     """Each reference image detected, segmented and embedded once per evaluation run."""
 
@@ -88,10 +78,13 @@ class ReferenceCache:
         self._embeddings: dict[tuple[str, str], torch.Tensor] = {}
 
     def crop(self, path: str, phrase: str) -> Image.Image:
-        image = open_checked(Path(path))
+        try:  # read as generation read it (runfolder.references): 16-bit scaled, alpha on white
+            image = load_reference(path)
+        except ReferenceImageError as err:
+            raise EvaluationError(str(err)) from None
         dets = self.detector.detect(image, [phrase], *self.thresholds)
         if not dets:  # the whole reference, as DreamBench's references are subject-centred photos
-            return image
+            return pad_to_square(image)
         best = max(dets, key=lambda d: d.score)
         mask = self.segmenter.segment(image, [best.box])[0]
         return subject_crop(image, mask, best.box)
@@ -112,43 +105,102 @@ def _embed(scorers, metric: str, images: list[Image.Image]) -> torch.Tensor:
     return torch.nn.functional.normalize(getattr(scorers[key], method)(images).float(), dim=-1)
 
 
+IDENTITY_REGIONS = ("anywhere", "in_box")
+MISSED_POLICIES = ("box_crop", "zero", "exclude")
+AP_SCORES = ("phrase", "box")
+
+
+def spans_whole_image(box, tol: float = 1e-6) -> bool:
+    return box[0] <= tol and box[1] <= tol and box[2] >= 1 - tol and box[3] >= 1 - tol
+
+
+def check_protocol(cfg: DictConfig) -> None:
+    """The protocol values, each a config value recorded in eval_config.json and named in the tables."""
+    checks = {"identity_region": IDENTITY_REGIONS, "missed_subject": MISSED_POLICIES, "ap_score": AP_SCORES}
+    for key, allowed in checks.items():
+        if cfg.get(key) not in allowed:
+            raise EvaluationError(f"eval.{key}: {cfg.get(key)!r} is not one of {list(allowed)}")
+
+
+PROTOCOL_BENCHMARKS = {"msbench": ("msbench",)}  # protocol -> the benchmarks (name prefixes) it is for
+
+
+def check_benchmark_protocol(cfg: DictConfig, records: Sequence[dict]) -> None:
+    """MS-Bench runs are scored with MS-Diffusion's protocol (eval=msbench: DINO v1) and every other run with
+    the AnyMS paper's (eval=default: DINOv2); ``eval.protocol=any`` scores whatever is there."""
+    protocol = str(cfg.get("protocol", "any"))
+    if protocol == "any":
+        return
+    names = sorted({str(r.get("benchmark")) for r in records if r.get("benchmark")})
+    is_msbench = [n for n in names if n.startswith(PROTOCOL_BENCHMARKS["msbench"])]
+    wrong = is_msbench if protocol != "msbench" else [n for n in names if n not in is_msbench]
+    if wrong:
+        want = "eval=msbench (eval=tiny_msbench on the tiny evaluators)" if protocol != "msbench" else "eval=default"
+        raise EvaluationError(
+            f"eval.protocol: records of benchmark {wrong[0]} are scored with another protocol than "
+            f"eval={cfg.get('name')} ({protocol}): use {want}, or eval.protocol=any to score them with this config")
+
+
 def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, refs: ReferenceCache,
                 cfg: DictConfig, metrics: Sequence[str]) -> tuple[list[dict], list[dict]]:
-    """Rows for metrics.parquet (one per subject) and detections.parquet (every detection kept for AP)."""
+    """Rows for metrics.parquet (one per subject) and detections.parquet (every detection kept for AP).
+
+    Detections: one call down to ``ap_box_threshold`` on both rules (box score and phrase score), all kept for AP
+    and ranked there by ``ap_score`` (``phrase``: the phrase's mean token probability, GroundingDINO's COCO
+    evaluation; ``box``: the max token probability); those at ``box_threshold`` / ``text_threshold`` are the
+    pool for layout and identity. mIoU (``iou``) matches requested boxes and detections one-to-one within a
+    phrase (``iou_best``: any detection per box). Identity regions: within a phrase, subjects and detections
+    one-to-one, preferring overlap with the box (``identity_region``); a subject left without one is missed and
+    scored by ``missed_subject``; M-DINO counts a missed subject as 0 whatever the policy."""
     subjects = record["subjects"]
     phrases = list(dict.fromkeys(s["phrase"] for s in subjects))
-    kept = detector.detect(image, phrases, float(cfg.ap_box_threshold), float(cfg.text_threshold))
-    matched_pool = [d for d in kept if d.score >= float(cfg.box_threshold)]
+    ap_threshold = float(cfg.ap_box_threshold)
+    kept = detector.detect(image, phrases, ap_threshold, min(ap_threshold, float(cfg.text_threshold)))
+    text_threshold = float(cfg.text_threshold)
+    matched_pool = [d for d in kept if d.score >= float(cfg.box_threshold)
+                    and (d.phrase_score if d.phrase_score is not None else d.score) > text_threshold]
     req_boxes = [s["box"] for s in subjects]
     req_phrases = [s["phrase"] for s in subjects]
     det_boxes = [d.box for d in matched_pool]
     det_scores = [d.score for d in matched_pool]
     det_phrases = [d.phrase for d in matched_pool]
-    ious = miou_best(req_boxes, req_phrases, det_boxes, det_scores, det_phrases)
-    ious_h = miou_hungarian(req_boxes, req_phrases, det_boxes, det_scores, det_phrases)
+    in_layout = [not (cfg.get("layout_excludes_scenes", True) and s["role"] == "background"
+                      and spans_whole_image(s["box"])) for s in subjects]
+    ious_best = miou_best(req_boxes, req_phrases, det_boxes, det_scores, det_phrases)
+    ious = miou_hungarian(req_boxes, req_phrases, det_boxes, det_scores, det_phrases)
+    chosen = assign_detections(req_boxes, req_phrases, det_boxes, det_scores, det_phrases,
+                               str(cfg.get("identity_region", "anywhere")))
+    missed_policy = str(cfg.get("missed_subject", "box_crop"))
 
-    # the detection each subject is scored on: its phrase's best-IoU detection
-    chosen: list[int | None] = []
-    iou_matrix = box_iou(np.asarray(req_boxes, dtype=float), np.asarray(det_boxes, dtype=float).reshape(-1, 4))
-    for i, phrase in enumerate(req_phrases):
-        candidates = [j for j, p in enumerate(det_phrases) if p == phrase and iou_matrix[i, j] > 0]
-        chosen.append(max(candidates, key=lambda j: iou_matrix[i, j]) if candidates else None)
-    crops = []
+    crops: list[Image.Image | None] = []
     if segmenter is not None:
-        unique = list(dict.fromkeys(c for c in chosen if c is not None))  # two subjects may share a detection
-        mask_of = dict(zip(unique, segmenter.segment(image, [det_boxes[c] for c in unique]))) if unique else {}
-        crops = [subject_crop(image, mask_of[c], det_boxes[c]) if c is not None else subject_crop(image, None, s["box"])
-                 for c, s in zip(chosen, subjects)]
+        # one SAM prompt: each subject's detection, or its requested box when missed (box_crop policy)
+        prompts = [det_boxes[c] if c is not None else s["box"] for c, s in zip(chosen, subjects)]
+        wanted = [i for i, c in enumerate(chosen) if c is not None or missed_policy == "box_crop"]
+        masks = dict(zip(wanted, segmenter.segment(image, [prompts[i] for i in wanted]))) if wanted else {}
+        crops = [subject_crop(image, masks[i], prompts[i]) if i in masks else None for i in range(len(subjects))]
 
     identity: dict[str, list[float]] = {}
+    confusion: list[tuple[float, bool]] | None = None
+    scored = [i for i, c in enumerate(crops) if c is not None]
     for m in metrics:
         if m not in IDENTITY:
             continue
-        gen = _embed(scorers, m, crops)
-        identity[m] = [
-            float(100.0 * (refs.embeddings(s["references"], s["phrase"])[m] @ gen[i]).mean())
-            for i, s in enumerate(subjects)
-        ]
+        gen = _embed(scorers, m, [crops[i] for i in scored]) if scored else None
+        values = [0.0 if missed_policy == "zero" else float("nan")] * len(subjects)
+        ref = [refs.embeddings(s["references"], s["phrase"])[m] for s in subjects]
+        for k, i in enumerate(scored):
+            values[i] = float(100.0 * (ref[i] @ gen[k]).mean())
+        identity[m] = values
+        if m == "dino" and len(subjects) > 1 and scored:
+            # identity confusion: each detected subject's region against every subject's references
+            confusion = [(float("nan"), False)] * len(subjects)
+            for k, i in enumerate(scored):
+                if chosen[i] is None:
+                    continue
+                sims = [float(100.0 * (ref[j] @ gen[k]).mean()) for j in range(len(subjects))]
+                best_other = max(v for j, v in enumerate(sims) if j != i)
+                confusion[i] = (sims[i] - best_other, best_other > sims[i])
     clip_t = None
     if "clip_t" in metrics:
         img_f = scorers["clip"].image_features([image]).float()
@@ -156,7 +208,9 @@ def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, 
         clip_t = float(100.0 * torch.nn.functional.cosine_similarity(img_f, txt_f).item())
     m_dino = None
     if "m_dino" in metrics and "dino" in identity:
-        m_dino = float(100.0 * np.prod([min(max(v / 100.0, 0.0), 1.0) for v in identity["dino"]]))
+        # MS-Diffusion: "to indicate whether each subject has been recreated": a missed subject makes it 0
+        per_subject = [0.0 if c is None else min(max(v / 100.0, 0.0), 1.0) for c, v in zip(chosen, identity["dino"])]
+        m_dino = float(100.0 * np.prod(per_subject))
 
     rows = []
     for i, s in enumerate(subjects):
@@ -166,21 +220,29 @@ def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, 
             "seed": record["seed"], "n_subjects": record["n_subjects"], "subject": s["name"], "phrase": s["phrase"],
             "role": s["role"], "width": record["width"], "height": record["height"],
             "req_x0": s["box"][0], "req_y0": s["box"][1], "req_x1": s["box"][2], "req_y1": s["box"][3],
-            "detected": c is not None, "iou": 100.0 * ious[i], "iou_hungarian": 100.0 * ious_h[i],
+            "detected": c is not None, "in_layout": in_layout[i],
+            "iou": 100.0 * ious[i] if in_layout[i] else float("nan"),
+            "iou_best": 100.0 * ious_best[i] if in_layout[i] else float("nan"),
             "det_score": float(det_scores[c]) if c is not None else 0.0,
         }
         for k, name in enumerate(("det_x0", "det_y0", "det_x1", "det_y1")):
             row[name] = float(det_boxes[c][k]) if c is not None else float("nan")
         for m, values in identity.items():
             row[m] = values[i]
+        if confusion is not None:
+            row["id_margin"], row["id_swapped"] = confusion[i]
         if clip_t is not None:
             row["clip_t"] = clip_t
         if m_dino is not None:
             row["m_dino"] = m_dino
         rows.append(row)
+    rank_by_phrase = str(cfg.get("ap_score", "phrase")) == "phrase"
     det_rows = [{"image": record["image"], "method": record["method"], "combination": record["combination"],
-                 "phrase": d.phrase, "score": float(d.score), "x0": float(d.box[0]), "y0": float(d.box[1]),
-                 "x1": float(d.box[2]), "y1": float(d.box[3])} for d in kept]
+                 "phrase": d.phrase, "box_score": float(d.score),
+                 "phrase_score": float(d.phrase_score if d.phrase_score is not None else d.score),
+                 "score": float(d.phrase_score if rank_by_phrase and d.phrase_score is not None else d.score),
+                 "x0": float(d.box[0]), "y0": float(d.box[1]), "x1": float(d.box[2]), "y1": float(d.box[3])}
+                for d in kept]
     return rows, det_rows
 
 
@@ -315,6 +377,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     from runfolder.lock import writer_lock
 
     metrics = check_metrics(list(cfg.eval.metrics))
+    check_protocol(cfg.eval)
     if "m_dino" in metrics and "dino" not in metrics:
         metrics.append("dino")
     run_dir = Path(cfg.run_dir)
@@ -333,6 +396,7 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
                     "scoring the %d that are there", len(missing), missing[:3], len(records))
     if not records:
         raise EvaluationError(f"{run_dir}: no records in {run_dir / runfolder.RECORDS}; run generate (or import) first")
+    check_benchmark_protocol(cfg.eval, records)
     eval_hash = runfolder.config_hash(eval_identity(cfg.eval))
 
     @lru_cache(maxsize=None)
@@ -387,7 +451,8 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
     finally:
         store.close()
     table = pd.DataFrame(rows).sort_values(["method", "combination", "seed", "subject"]).reset_index(drop=True)
-    dets = pd.DataFrame(det_rows, columns=["image", "method", "combination", "phrase", "score", "x0", "y0", "x1", "y1"])
+    dets = pd.DataFrame(det_rows, columns=["image", "method", "combination", "phrase", "score", "box_score",
+                                           "phrase_score", "x0", "y0", "x1", "y1"])
     runfolder.atomic_write(run_dir / DETECTIONS_FILE, lambda tmp: dets.to_parquet(tmp, index=False))
     runfolder.atomic_write(run_dir / METRICS_FILE, lambda tmp: table.to_parquet(tmp, index=False))
     eval_config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash, **runfolder.provenance()}

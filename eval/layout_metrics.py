@@ -183,6 +183,45 @@ def miou_hungarian(
     return [float(value) for value in per_box]
 
 
+def assign_detections(
+    requested_boxes: Any,
+    requested_phrases: Sequence[str],
+    det_boxes: Any,
+    det_scores: Any,
+    det_phrases: Sequence[str],
+    region: str = "anywhere",
+) -> list[int | None]:
+    """Per requested box, the index of the detection its subject is scored on, or ``None`` (missed).
+
+    Within each phrase, subjects and detections are matched one-to-one (Hungarian,
+    ``scipy.optimize.linear_sum_assignment``), so two subjects never share a detection. The matching prefers
+    overlap with the requested box, then the detection score (weight ``IoU + 1e-3 * score``). ``region``:
+    ``"anywhere"`` (the AnyMS paper's reading: the phrase's detection wherever it is) or ``"in_box"`` (only
+    detections overlapping the requested box).
+    """
+    if region not in ("anywhere", "in_box"):
+        raise ValueError(f"identity_region must be 'anywhere' or 'in_box', got {region!r}")
+    requested, requested_phrases, detections, det_phrases = _layout_inputs(
+        requested_boxes, requested_phrases, det_boxes, det_scores, det_phrases, -np.inf
+    )
+    scores = _as_score_array(det_scores)
+    out: list[int | None] = [None] * len(requested)
+    for phrase in dict.fromkeys(requested_phrases):
+        req_idx = np.array([i for i, p in enumerate(requested_phrases) if p == phrase])
+        det_idx = np.array([j for j, p in enumerate(det_phrases) if p == phrase], dtype=int)
+        if len(det_idx) == 0:
+            continue
+        ious = box_iou(requested[req_idx], detections[det_idx])
+        weight = ious + 1e-3 * scores[det_idx][None, :]
+        if region == "in_box":
+            weight = np.where(ious > 0, weight, -1.0)
+        rows, cols = linear_sum_assignment(weight, maximize=True)
+        for r, c in zip(rows, cols):
+            if weight[r, c] >= 0:
+                out[int(req_idx[r])] = int(det_idx[c])
+    return out
+
+
 def mean_iou(per_box_ious: Sequence[float]) -> float:
     """Mean of per-box IoUs (mIoU). Raises ValueError on an empty list rather than returning NaN."""
     if len(per_box_ious) == 0:

@@ -21,7 +21,7 @@ from eval.published import benchmark_of, published_markdown
 # column in metrics.parquet -> (table header, how many decimals)
 IMAGE_METRICS = {
     "iou": ("mIoU", 1), "clip_i": ("CLIP-I", 1), "dreamsim": ("DreamSim", 1), "dino": ("DINO", 1),
-    "clip_t": ("CLIP-T", 1), "m_dino": ("M-DINO", 1), "iou_hungarian": ("mIoU (Hungarian)", 1),
+    "clip_t": ("CLIP-T", 1), "m_dino": ("M-DINO", 1), "iou_best": ("mIoU (best match)", 1),
 }
 TABLE1 = ["ap50", "iou", "clip_i", "dreamsim", "dino", "clip_t"]
 TABLE1_BY_BENCHMARK = {"msbench": TABLE1 + ["m_dino"]}  # MS-Diffusion's protocol adds M-DINO

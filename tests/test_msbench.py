@@ -279,7 +279,7 @@ def test_the_report_recognises_msbench_runs_by_their_ids(generated):
 @needs_msbench
 def test_msbench_small_generates_evaluates_and_reports_with_m_dino_and_published_rows(tmp_path, tiny_root, tiny_eval_root):
     from anyms.generate import run_generation
-    from eval.evaluate import run_evaluation
+    from eval.evaluate import EvaluationError, run_evaluation
     from eval.report import run_report
 
     from .test_evaluate import eval_cfg
@@ -292,9 +292,15 @@ def test_msbench_small_generates_evaluates_and_reports_with_m_dino_and_published
                                           tiny_root=tiny_root, data=ROOT))
     assert sorted(summary.generated) == ["images/anyms/living_object_scene-cat+backpack+forest-p0/0.png",
                                          "images/anyms/living_wholewearing-cat+dress-p0/0.png"]
-    run_evaluation(eval_cfg(run, tiny_root=tiny_eval_root))
+    with pytest.raises(EvaluationError, match=r"records of benchmark msbench_small .*use eval=msbench"):
+        run_evaluation(eval_cfg(run, tiny_root=tiny_eval_root))  # the AnyMS protocol (DINOv2) on MS-Bench
+    run_evaluation(eval_cfg(run, tiny_root=tiny_eval_root, protocol="tiny_msbench"))
+    assert "DINO v1" in (run / "eval_config.json").read_text() or "dino-vits16" in (run / "eval_config.json").read_text()
     m = pd.read_parquet(run / "metrics.parquet")
     assert len(m) == 2 + 3 and not m[["clip_i", "dino", "m_dino", "clip_t"]].isna().any().any()
+    # the forest scene spans the whole image: left out of the layout metrics, counted
+    scene = m[m["phrase"] == "forest"]
+    assert len(scene) == 1 and not scene["in_layout"].iloc[0] and scene["iou"].isna().all()
     run_report([run], run / "report", {"samples": 10, "ap_samples": 2, "seed": 0})
     table1 = (run / "report" / "table1.md").read_text()
     measured, published = table1.split(f"## {SECTION_TITLE}")
