@@ -68,6 +68,7 @@ class Stage:
     peak_rss_bytes: int | None = None
     cuda_peak_bytes: int | None = None
     returncode: int | None = None
+    peak_anon_bytes: int | None = None  # sampled: the largest RssAnon seen (memory not backed by a file)
     output_tail: str = ""
     extra: dict = field(default_factory=dict)
 
@@ -85,7 +86,11 @@ def run_stage(stage: Stage, env: dict | None = None, log_dir: Path | None = None
     start = time.perf_counter()
     with open(out_path, "w") as out:
         proc = subprocess.Popen(stage.command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
+        sampler = AnonSampler(proc.pid)
+        sampler.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        sampler.stop()
+    stage.peak_anon_bytes = sampler.peak
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: tell Popen
     stage.seconds = time.perf_counter() - start
     stage.returncode = proc.returncode
@@ -95,12 +100,45 @@ def run_stage(stage: Stage, env: dict | None = None, log_dir: Path | None = None
         stage.cuda_peak_bytes = info.get("cuda_peak_bytes")
     text = out_path.read_text(errors="replace")
     stage.output_tail = text[-TAIL_CHARS:]
-    log(f"[{stage.name}] exit {stage.returncode}, {stage.seconds:.0f} s, peak RSS {fmt_bytes(stage.peak_rss_bytes)}"
+    log(f"[{stage.name}] exit {stage.returncode}, {stage.seconds:.0f} s, peak RSS {fmt_bytes(stage.peak_rss_bytes)} "
+        f"(anonymous {fmt_bytes(stage.peak_anon_bytes)})"
         + (f", CUDA peak {fmt_bytes(stage.cuda_peak_bytes)}" if stage.cuda_peak_bytes is not None else ""))
     if stage.returncode != 0:
         raise CheckFailed(f"stage {stage.name!r} failed (exit {stage.returncode}); log {out_path}; its last lines:\n"
                           + _last_lines(text, 40))
     return stage
+
+
+class AnonSampler:
+    """Samples a process's ``RssAnon`` (resident memory not backed by a file) every ``interval`` seconds. Peak RSS
+    also counts the pages of weight files mapped into memory (safetensors loads map them), which the kernel can drop
+    and read again; anonymous memory it cannot."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        import threading
+
+        self.pid, self.interval, self.peak = pid, interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("RssAnon:"):
+                            value = int(line.split()[1]) * 1024
+                            self.peak = max(self.peak or 0, value)
+            except (OSError, ValueError):
+                pass
+            self._stop.wait(self.interval)
 
 
 def _last_lines(text: str, n: int) -> str:
@@ -333,10 +371,11 @@ def markdown(result: dict) -> str:
              f"method, on {result['device_name']} ({result['device']}, generation {result['dtype']}, evaluators "
              f"{result['evaluator_dtype']}); git {result['git_hash']}, torch {result['versions'].get('torch', '?')}, "
              f"diffusers {result['versions'].get('diffusers', '?')}. Total {result['total_seconds']:.0f} s.", "",
-             "| stage | seconds | peak RSS |" + (" CUDA peak allocated |" if cuda else ""),
-             "|---|---|---|" + ("---|" if cuda else "")]
+             "| stage | seconds | peak RSS | peak anonymous RSS |" + (" CUDA peak allocated |" if cuda else ""),
+             "|---|---|---|---|" + ("---|" if cuda else "")]
     for s in result["stages"]:
-        lines.append(f"| {s['name']} | {s['seconds']:.0f} | {fmt_bytes(s['peak_rss_bytes'])} |"
+        lines.append(f"| {s['name']} | {s['seconds']:.0f} | {fmt_bytes(s['peak_rss_bytes'])} | "
+                     f"{fmt_bytes(s.get('peak_anon_bytes'))} |"
                      + (f" {fmt_bytes(s['cuda_peak_bytes'])} |" if cuda else ""))
     for w in result["outputs"].get("warnings", []):
         lines.append(f"\nWarning: {w}")

@@ -64,7 +64,7 @@ def test_markdown_names_every_stage():
               "evaluator_dtype": "fp32", "git_hash": "abc", "versions": {}, "total_seconds": 2.0, "stages": stages,
               "outputs": {"warnings": ["anyms: a constant image"]}}
     text = markdown(result)
-    assert "| write | 1 | 1.00 GiB |" in text and "| evaluate |" in text and "constant image" in text
+    assert "| write | 1 | 1.00 GiB | - |" in text and "| evaluate |" in text and "constant image" in text
 
 
 needs_data = pytest.mark.skipif(data_root() is None, reason="needs the DreamBench images (ANYMS_DATA_ROOT)")
