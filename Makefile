@@ -12,7 +12,7 @@ HYDRA_KEYS := model method benchmark generation run_dir data_root shard overwrit
 OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
 ARGS ?=
 
-.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables bench-perf data clean-venv
+.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables bench-perf check-real-size data clean-venv
 
 setup: $(STAMP)
 
@@ -74,6 +74,14 @@ paper-tables: setup
 BENCH_ARGS ?=
 bench-perf: setup
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
+
+# The paper's models at their real architectures with random weights (SDXL + IP-Adapter Plus ViT-H, MS-Diffusion
+# with CLIP bigG/14, GroundingDINO SwinT, SAM ViT-H, CLIP, DINO, DreamSim) through generate -> evaluate at 1024 px,
+# 2 steps, one image per method: every real shape and dtype path, before GPU hours. bf16 on CPU, fp16 on CUDA.
+# Prints peak memory per stage; writes benchmarks/results/<date>-<device>-real_size.{md,json}.
+REAL_SIZE_ARGS ?=
+check-real-size: setup
+	$(PY) -m benchmarks.real_size $(REAL_SIZE_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check anyms eval runfolder scripts tests benchmarks
