@@ -68,21 +68,28 @@ def real_size_evaluators(device: str, words) -> tuple:
     segmenter = RandomSam("vit_h", device)
     scorers = {
         "clip": ClipScorer(f"local-dir:{root / 'open_clip'}", pretrained=None, device=device),
-        "dino": DinoScorer(str(root / "dino-vits16"), device=device),
+        "dino": DinoScorer(str(root / "dinov2-small"), backend="dinov2", device=device),  # eval=default's DINO
         "dreamsim": DreamSimScorer("ensemble", cache_dir=root / "dreamsim", device=device),
     }
     return detector, segmenter, scorers
 
 
 def write_random_scorer_checkpoints(root: Path) -> Path:
-    """Random CLIP ViT-B/32, DINO ViT-S/16 and DreamSim ensemble checkpoints in the layouts the scorers read,
-    written once (about 2 GB; tens of seconds the first time)."""
-    from eval.tiny_models import write_dreamsim_checkpoints, write_tiny_dino, write_tiny_open_clip
+    """Random CLIP ViT-B/32, DINOv2 ViT-S/14 (eval=default), DINO ViT-S/16 (eval=msbench) and DreamSim ensemble
+    checkpoints in the layouts the scorers read, written once (about 2 GB; tens of seconds the first time)."""
+    import shutil
+
+    from eval.tiny_models import write_dreamsim_checkpoints, write_tiny_dino, write_tiny_dinov2, write_tiny_open_clip
     from runfolder import write_folder_once
 
+    parts = ("open_clip", "dinov2-small", "dino-vits16", "dreamsim")
+    if (root / ".complete").exists() and not all((root / p).exists() for p in parts):
+        shutil.rmtree(root)  # written by an older version with fewer checkpoints
+
     def write(tmp: Path) -> None:
-        log(f"  writing random real-size CLIP, DINO and DreamSim checkpoints to {root} (once)")
+        log(f"  writing random real-size CLIP, DINOv2, DINO and DreamSim checkpoints to {root} (once)")
         write_tiny_open_clip(tmp / "open_clip", real_size=True)
+        write_tiny_dinov2(tmp / "dinov2-small", real_size=True)
         write_tiny_dino(tmp / "dino-vits16", real_size=True)
         write_dreamsim_checkpoints(tmp / "dreamsim", "ensemble")
 
@@ -227,7 +234,7 @@ def _measure(counts, n_full: int, device: str, smoke: bool) -> dict:
     return {"seconds_per_image": per_image, "n_full": n_full, "full_seconds": t_full, "reference_seconds": t_refs,
             "seconds_per_subject": per_subject, "build_seconds": t_build, "image_size": size,
             "models": "the tiny evaluators of eval=tiny" if smoke else
-            "GroundingDINO SwinT (grounding-dino-tiny config), SAM ViT-H, CLIP ViT-B/32, DINO ViT-S/16, DreamSim ensemble",
+            "GroundingDINO SwinT (grounding-dino-tiny config), SAM ViT-H, CLIP ViT-B/32, DINOv2 ViT-S/14, DreamSim ensemble",
             "note": "tiny random models: checks the code paths, measures nothing" if smoke else RANDOM_NOTE}
 
 

@@ -4,7 +4,7 @@ whole generation and evaluation path, before anyone pays for GPU hours.
 1. **write** (once, under ``$ANYMS_CACHE/real_size``, default ``.cache/anyms``): SDXL base 1.0, IP-Adapter Plus
    SDXL with its ViT-H/14 image encoder, MS-Diffusion's ``ms_adapter.bin`` at the released resampler sizes with
    the CLIP ViT-bigG/14 model, GroundingDINO SwinT and SAM ViT-H, in the hub repos' layouts
-   (:mod:`benchmarks.real_size_models`); CLIP ViT-B/32, DINO ViT-S/16 and DreamSim's ensemble as
+   (:mod:`benchmarks.real_size_models`); CLIP ViT-B/32, DINOv2 ViT-S/14 and DreamSim's ensemble as
    :mod:`benchmarks.evaluate` writes them;
 2. **generate anyms** and 3. **generate ms_diffusion**: ``scripts/generate.py model=sdxl`` pointed at those folders
    (``model.pretrained``, ``model.ip_adapter.repo``, ``model.ms_diffusion.repo``, ``model.ms_diffusion.image_encoder``),
@@ -206,7 +206,7 @@ def evaluate_overrides(folders: dict, scorers: Path, run_dir: Path, device: str,
         f"run_dir={run_dir}", "eval=default", f"eval.device={device}", f"eval.weights_dir={ev}",
         f"eval.detector.model_id_or_path={ev / GROUNDING_DINO_DIR}", f"eval.segmenter.checkpoint={ev / SAM_FILE}",
         f"eval.scorers.clip.model_name=local-dir:{scorers / 'open_clip'}", "eval.scorers.clip.pretrained=null",
-        f"eval.scorers.dino.model={scorers / 'dino-vits16'}", f"eval.scorers.dreamsim.cache_dir={scorers / 'dreamsim'}",
+        f"eval.scorers.dino.model={scorers / 'dinov2-small'}", f"eval.scorers.dreamsim.cache_dir={scorers / 'dreamsim'}",
         "wandb=disabled", "progress=false",
     ]
     if tiny:
@@ -304,7 +304,7 @@ def run_check(device: str = "auto", dtype: str = "auto", run_dir: Path | None = 
         "platform": platform.platform(), "date": datetime.date.today().isoformat(),
         "models": ("tiny architectures (tests): measures nothing" if tiny else
                    "SDXL base 1.0 + IP-Adapter Plus SDXL (ViT-H/14); MS-Diffusion (released resampler, CLIP ViT-bigG/14); "
-                   "GroundingDINO SwinT, SAM ViT-H, CLIP ViT-B/32, DINO ViT-S/16, DreamSim ensemble: random weights"),
+                   "GroundingDINO SwinT, SAM ViT-H, CLIP ViT-B/32, DINOv2 ViT-S/14, DreamSim ensemble: random weights"),
     }
 
 
