@@ -4,6 +4,8 @@
     python scripts/report.py run_dir=runs/anyms11-sdxl 'run_dirs=[runs/anyms11-sdxl,runs/mudi-import]'
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -22,6 +24,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"report: {err}") from None
     print(f"report: {', '.join(summary['files'])}\n  in {cfg.out_dir}"
           + ("\n  TINY RANDOM MODELS: these numbers check plumbing, not quality" if summary["tiny"] else ""))
+    print("\n" + (Path(cfg.out_dir) / "table1.md").read_text())
 
 
 if __name__ == "__main__":
