@@ -49,7 +49,7 @@ def interval_caption(resample: str) -> str:
 
 def interval_text(resample: str, samples: int, ap_samples: int) -> str:
     return (f"{interval_caption(resample)[:-2]}; {samples} resamples, AP50 {ap_samples}, each the pooled AP of the "
-            "drawn images). A level with a single unit gets 'n/a', never ± 0.")
+            "drawn images). A level with a single unit reads n/a: a bootstrap over one unit has no spread.")
 
 
 def check_resample(resample: str) -> str:
