@@ -1,10 +1,13 @@
 """The paper's tables and figure from a run folder's metrics: Table 1, Table 2, Fig. 4, the overlap table.
 
 Aggregation (DESIGN.md section 3): a subject-level metric is averaged over an image's subjects, then over
-the images of each combination, then over combinations (paper Table 1); each mean carries a bootstrap 95%
-interval that resamples images within each combination. AP@50 is pooled over all images of a method by
-pycocotools, its interval by the same resampling. Time is the mean seconds per image with each process's
-first image left out (warm-up); memory the mean peak.
+the images of each combination, then over combinations (paper Table 1); each mean carries a percentile
+bootstrap 95% interval, by default two-level (combinations, then images within each drawn combination;
+``bootstrap.resample=within_combinations``: images within fixed combinations), "n/a" where the resampled
+level has a single unit. AP@50 is pooled over all images of a method by pycocotools, its interval by the same
+resampling (per-image matches computed once). Paired comparisons: sign-flip permutation p-values at the same
+unit, never printed as 0, Holm-adjusted over each report's family. Time is the mean seconds per image with
+each process's first image left out (warm-up); memory the mean peak.
 """
 
 from __future__ import annotations
