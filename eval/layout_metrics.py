@@ -323,3 +323,98 @@ def ap50(images: Sequence[dict]) -> float:
 def per_image_ap50(image: dict) -> float:
     """:func:`ap50` of a single image (same dict format, same conventions)."""
     return ap50([image])
+
+
+# --- AP@50 for resampled image sets ---------------------------------------------------------------------
+#
+# pycocotools matches detections to ground truth per (image, category), independently of every other image;
+# only its accumulation pools images. So the matches are computed once per image (with pycocotools' own IoU
+# and its greedy rule), and a resample (a list of image positions, repeats allowed) only re-runs the
+# accumulation: COCOeval.accumulate's arithmetic, in its order, for IoU 0.5, area 'all', 100 detections.
+
+_COCO_MAX_DETS = 100
+_COCO_REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+
+
+class Ap50Matches:
+    """Per image, its detections' category, score and whether each matched a requested box at IoU 0.5,
+    exactly as pycocotools' ``COCOeval.evaluateImg`` decides it; :meth:`ap50` of any multiset of the images
+    then equals :func:`ap50` of that list of image dicts (tested), without a pycocotools run."""
+
+    def __init__(self, images: Sequence[dict]):
+        from pycocotools import mask as mask_utils
+
+        gt_dataset, results = _coco_gt_and_results(images)
+        n = len(images)
+        gts: dict[tuple[int, int], list] = {}
+        for ann in gt_dataset["annotations"]:
+            gts.setdefault((ann["image_id"], ann["category_id"]), []).append(ann["bbox"])
+        dts: dict[tuple[int, int], list] = {}
+        for res in results:
+            dts.setdefault((res["image_id"], res["category_id"]), []).append((res["bbox"], res["score"]))
+        self.gt_categories = [np.zeros(0, dtype=np.int64) for _ in range(n)]
+        for (image_id, cat), boxes in gts.items():
+            self.gt_categories[image_id - 1] = np.concatenate(
+                [self.gt_categories[image_id - 1], np.full(len(boxes), cat, dtype=np.int64)])
+        per_image: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in range(n)]
+        for (image_id, cat), dets in dts.items():
+            scores = np.array([s for _, s in dets], dtype=np.float64)
+            order = np.argsort(-scores, kind="mergesort")[:_COCO_MAX_DETS]
+            boxes = [dets[i][0] for i in order]
+            gt = gts.get((image_id, cat), [])
+            matched = np.zeros(len(order), dtype=bool)
+            if gt:
+                ious = np.asarray(mask_utils.iou(boxes, gt, [0] * len(gt)), dtype=np.float64).reshape(len(order), len(gt))
+                taken = np.zeros(len(gt), dtype=bool)
+                for d in range(len(order)):  # evaluateImg's greedy rule: best IoU >= 0.5 among free gts, ties to the later
+                    best, m = min(0.5, 1 - 1e-10), -1
+                    for g in range(len(gt)):
+                        if taken[g] or ious[d, g] < best:
+                            continue
+                        best, m = ious[d, g], g
+                    if m >= 0:
+                        taken[m], matched[d] = True, True
+            per_image[image_id - 1].append((np.full(len(order), cat, dtype=np.int64), scores[order], matched))
+        empty = (np.zeros(0, dtype=np.int64), np.zeros(0), np.zeros(0, dtype=bool))
+        self.det_categories, self.det_scores, self.det_matched = [], [], []
+        for parts in per_image:
+            cats, scores, matched = (np.concatenate(x) for x in zip(*parts)) if parts else empty
+            self.det_categories.append(cats)
+            self.det_scores.append(scores)
+            self.det_matched.append(matched)
+
+    def __len__(self) -> int:
+        return len(self.gt_categories)
+
+    def ap50(self, indices: Sequence[int] | None = None) -> float:
+        """AP@50 (x 100) of the images at ``indices`` (positions in the list given, repeats allowed, order
+        kept as pycocotools would see it); all images when ``None``."""
+        indices = range(len(self)) if indices is None else indices
+        gt = np.concatenate([self.gt_categories[i] for i in indices]) if len(indices) else np.zeros(0, dtype=np.int64)
+        if not len(gt):
+            raise ValueError("ap50 needs ground truth: no image has a requested box, so AP is undefined")
+        cats = np.concatenate([self.det_categories[i] for i in indices])
+        if not len(cats):
+            return 0.0
+        scores = np.concatenate([self.det_scores[i] for i in indices])
+        matched = np.concatenate([self.det_matched[i] for i in indices])
+        present, npig = np.unique(gt, return_counts=True)  # categories: those requested in these images
+        keep = np.isin(cats, present)
+        cats, scores, matched = cats[keep], scores[keep], matched[keep]
+        order = np.lexsort((-scores, cats))  # stable: ties keep image order, as accumulate's mergesort
+        cats, matched = cats[order], matched[order]
+        starts = np.searchsorted(cats, present, side="left")
+        ends = np.searchsorted(cats, present, side="right")
+        precision = np.zeros((len(_COCO_REC_THRS), len(present)))
+        for k in range(len(present)):
+            m = matched[starts[k]:ends[k]]
+            if not len(m):
+                continue
+            tp = np.cumsum(m).astype(float)
+            fp = np.cumsum(~m).astype(float)
+            rc = tp / npig[k]
+            pr = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[::-1])[::-1]
+            inds = np.searchsorted(rc, _COCO_REC_THRS, side="left")
+            inside = inds < len(m)
+            precision[inside, k] = pr[inds[inside]]
+        return float(np.mean(precision.ravel())) * 100.0

@@ -1,10 +1,13 @@
 """The paper's tables and figure from a run folder's metrics: Table 1, Table 2, Fig. 4, the overlap table.
 
 Aggregation (DESIGN.md section 3): a subject-level metric is averaged over an image's subjects, then over
-the images of each combination, then over combinations (paper Table 1); each mean carries a bootstrap 95%
-interval that resamples images within each combination. AP@50 is pooled over all images of a method by
-pycocotools, its interval by the same resampling. Time is the mean seconds per image with each process's
-first image left out (warm-up); memory the mean peak CUDA memory per image (n/a on the CPU).
+the images of each combination, then over combinations (paper Table 1); each mean carries a percentile
+bootstrap 95% interval, by default two-level (combinations, then images within each drawn combination;
+``bootstrap.resample=within_combinations``: images within fixed combinations), "n/a" where the resampled
+level has a single unit. AP@50 is pooled over all images of a method by pycocotools, its interval by the same
+resampling (per-image matches computed once). Paired comparisons: sign-flip permutation p-values at the same
+unit, never printed as 0, Holm-adjusted over each report's family. Time is the mean seconds per image with
+each process's first image left out (warm-up); memory the mean peak CUDA memory per image (n/a on the CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from eval.layout_metrics import ap50
+from eval.layout_metrics import Ap50Matches, ap50
 from eval.published import benchmark_of, published_markdown
 
 # column in metrics.parquet -> (table header, how many decimals)
@@ -31,18 +34,63 @@ TINY_BANNER = ("**TINY RANDOM MODELS.** These numbers check the harness's plumbi
                "the quality of any method.")
 
 
+RESAMPLE = {  # bootstrap.resample -> what the interval describes (named in every table's header)
+    "two_level": "two-level bootstrap: combinations drawn with replacement, then images within each drawn combination",
+    "within_combinations": ("images resampled within each combination, the combinations fixed (for when they are the "
+                            "whole population of interest)"),
+}
+NA_REASON = {
+    "two_level": "one combination: no interval over combinations",
+    "within_combinations": "one image per combination: no interval within combinations",
+}
+
+
+def interval_caption(resample: str) -> str:
+    return ("Mean over combinations of per-combination means; ± half its percentile bootstrap 95% interval "
+            f"(bootstrap.resample={resample}: {RESAMPLE[resample]}).")
+
+
+def interval_text(resample: str, samples: int, ap_samples: int) -> str:
+    return (f"{interval_caption(resample)[:-2]}; {samples} resamples, AP50 {ap_samples}, each the pooled AP of the "
+            "drawn images). A level with a single unit reads n/a: a bootstrap over one unit has no spread.")
+
+
+def check_resample(resample: str) -> str:
+    if resample not in RESAMPLE:
+        raise ValueError(f"bootstrap.resample: {resample!r}; one of {sorted(RESAMPLE)}")
+    return resample
+
+
 @dataclass
 class Estimate:
     mean: float
     lo: float
     hi: float
     n: int
+    note: str = ""  # why there is no interval ("n/a"), when there is none
 
     def text(self, decimals: int = 1) -> str:
+        """``mean ± half-interval``; ``± n/a`` where a level has a single unit; a half-interval that would round
+        to 0 gets the decimals it needs, and an interval that is exactly 0 (every resample equal) says so."""
         if not np.isfinite(self.mean):
             return "-"
+        if not (np.isfinite(self.lo) and np.isfinite(self.hi)):
+            return f"{self.mean:.{decimals}f} ± n/a"
         half = (self.hi - self.lo) / 2
-        return f"{self.mean:.{decimals}f} ± {half:.{decimals}f}"
+        if half <= 1e-9 * max(1.0, abs(self.mean)):  # every resample equal, up to float rounding
+            return f"{self.mean:.{decimals}f} ± 0 (constant)"
+        shown = decimals
+        while round(half, shown) == 0 and shown < 8:
+            shown += 1
+        return f"{self.mean:.{decimals}f} ± {half:.{shown}f}"
+
+
+def _no_interval(groups: Sequence, resample: str) -> bool:
+    """Whether the resampled level has a single unit: one combination (two-level), or one image in every
+    combination (within combinations)."""
+    if resample == "two_level":
+        return len(groups) < 2
+    return all(len(g) < 2 for g in groups)
 
 
 def per_image(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
@@ -51,21 +99,44 @@ def per_image(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
     return metrics.groupby(keys, as_index=False)[column].mean()
 
 
-def combination_mean_bootstrap(values: pd.DataFrame, column: str, samples: int, seed: int) -> Estimate:
-    """Mean over combinations of the per-combination mean, with a percentile bootstrap 95% interval that
-    resamples images with replacement within each combination."""
+def resampled_means(groups: Sequence[np.ndarray], samples: int, rng: np.random.Generator,
+                    resample: str = "two_level") -> np.ndarray:
+    """``samples`` bootstrap replicates of the mean over combinations of per-combination means.
+
+    ``two_level``: each replicate draws as many combinations as there are, with replacement, and within each
+    drawn combination (each draw afresh) as many of its images as it has, with replacement.
+    ``within_combinations``: every combination once, its images drawn with replacement."""
+    k = len(groups)
+    if resample == "within_combinations":
+        boot = np.zeros(samples)
+        for g in groups:
+            boot += g[rng.integers(0, len(g), size=(samples, len(g)))].mean(axis=1)
+        return boot / k
+    drawn = rng.integers(0, k, size=(samples, k))
+    means = np.empty((samples, k))
+    for c, g in enumerate(groups):
+        slots = drawn == c
+        count = int(slots.sum())
+        if count:
+            means[slots] = g[rng.integers(0, len(g), size=(count, len(g)))].mean(axis=1)
+    return means.mean(axis=1)
+
+
+def combination_mean_bootstrap(values: pd.DataFrame, column: str, samples: int, seed: int,
+                               resample: str = "two_level") -> Estimate:
+    """Mean over combinations of the per-combination mean, with a percentile bootstrap 95% interval
+    (:func:`resampled_means`); no interval (NaN, ``note`` says why) where the resampled level has one unit."""
     groups = [g[column].to_numpy(dtype=float) for _, g in values.groupby("combination")]
     groups = [g for g in groups if len(g)]
     if not groups:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     mean = float(np.mean([g.mean() for g in groups]))
-    rng = np.random.default_rng(seed)
-    boot = np.zeros(samples)
-    for g in groups:
-        boot += g[rng.integers(0, len(g), size=(samples, len(g)))].mean(axis=1)
-    boot /= len(groups)
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if samples else (mean, mean)
-    return Estimate(mean, float(lo), float(hi), int(sum(len(g) for g in groups)))
+    n = int(sum(len(g) for g in groups))
+    if _no_interval(groups, check_resample(resample)) or not samples:
+        return Estimate(mean, float("nan"), float("nan"), n, NA_REASON[resample])
+    boot = resampled_means(groups, samples, np.random.default_rng(seed), resample)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return Estimate(mean, float(lo), float(hi), n)
 
 
 def ap_images(metrics: pd.DataFrame, detections: pd.DataFrame, images: Sequence[str]) -> dict[str, dict]:
@@ -84,20 +155,38 @@ def ap_images(metrics: pd.DataFrame, detections: pd.DataFrame, images: Sequence[
     return out
 
 
-def ap50_bootstrap(metrics: pd.DataFrame, detections: pd.DataFrame, samples: int, seed: int) -> Estimate:
-    """AP@50 pooled over the images (pycocotools), resampling images within combinations for the interval."""
+def resampled_image_sets(groups: Sequence[np.ndarray], samples: int, rng: np.random.Generator,
+                         resample: str = "two_level") -> list[np.ndarray]:
+    """The images of each bootstrap replicate (indices, repeats allowed), drawn as :func:`resampled_means`
+    draws them: combinations then images within each drawn one (``two_level``), or images within each
+    combination (``within_combinations``)."""
+    k = len(groups)
+    out = []
+    for _ in range(samples):
+        combos = rng.integers(0, k, size=k) if resample == "two_level" else range(k)
+        out.append(np.concatenate([groups[c][rng.integers(0, len(groups[c]), size=len(groups[c]))] for c in combos]))
+    return out
+
+
+def ap50_bootstrap(metrics: pd.DataFrame, detections: pd.DataFrame, samples: int, seed: int,
+                   resample: str = "two_level") -> Estimate:
+    """AP@50 pooled over the images (pycocotools), with a percentile bootstrap 95% interval drawing images
+    as the means do (:func:`resampled_image_sets`). Each image's matches are computed once
+    (:class:`eval.layout_metrics.Ap50Matches`, equal to pycocotools on any resample), so 1,000 resamples
+    cost about what one pycocotools run does per resample of 10 images."""
     images = metrics.drop_duplicates("image")[["image", "combination"]]
     if images.empty:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
     by_image = ap_images(metrics, detections, images["image"].tolist())
+    names = list(by_image)
     mean = ap50(list(by_image.values()))
-    rng = np.random.default_rng(seed)
-    boot = []
-    groups = [g["image"].tolist() for _, g in images.groupby("combination")]
-    for _ in range(samples):
-        drawn = [by_image[g[i]] for g in groups for i in rng.integers(0, len(g), size=len(g))]
-        boot.append(ap50(drawn))
-    lo, hi = np.percentile(boot, [2.5, 97.5]) if boot else (mean, mean)
+    position = {name: i for i, name in enumerate(names)}
+    groups = [np.array([position[i] for i in g["image"]]) for _, g in images.groupby("combination")]
+    if _no_interval(groups, check_resample(resample)) or not samples:
+        return Estimate(float(mean), float("nan"), float("nan"), len(images), NA_REASON[resample])
+    matches = Ap50Matches(list(by_image.values()))
+    boot = [matches.ap50(drawn) for drawn in resampled_image_sets(groups, samples, np.random.default_rng(seed), resample)]
+    lo, hi = np.percentile(boot, [2.5, 97.5])
     return Estimate(float(mean), float(lo), float(hi), len(images))
 
 
@@ -125,8 +214,9 @@ def time_memory(records: pd.DataFrame) -> dict[str, dict]:
 
 
 def method_table(metrics: pd.DataFrame, detections: pd.DataFrame, records: pd.DataFrame, columns: Sequence[str],
-                 samples: int, ap_samples: int, seed: int, with_cost: bool) -> pd.DataFrame:
-    """One row per method: ``<metric>``, ``<metric>_lo``, ``<metric>_hi`` for each column, and ``n_images``."""
+                 samples: int, ap_samples: int, seed: int, with_cost: bool, resample: str = "two_level") -> pd.DataFrame:
+    """One row per method: ``<metric>``, ``<metric>_lo``, ``<metric>_hi`` for each column (``_lo``/``_hi`` NaN
+    where the resampled level has a single unit), and ``n_images``; no metrics: no rows, the same columns."""
     rows = []
     cost = time_memory(records) if with_cost else {}
     for method, m in metrics.groupby("method", sort=True):
@@ -134,20 +224,22 @@ def method_table(metrics: pd.DataFrame, detections: pd.DataFrame, records: pd.Da
         for col in columns:
             if col == "ap50":
                 est = ap50_bootstrap(m, detections[detections["method"] == method] if len(detections) else detections,
-                                     ap_samples, seed)
+                                     ap_samples, seed, resample)
             elif col in m:
-                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed)
+                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed, resample)
             else:
                 continue
             row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
         if with_cost and method in cost:
             row.update(cost[method])
         rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=["method", "n_images"] + [f"{c}{s}" for c in columns for s in ("", "_lo", "_hi")])
     return pd.DataFrame(rows)
 
 
 def by_subject_count(metrics: pd.DataFrame, detections: pd.DataFrame, columns: Sequence[str], samples: int,
-                     ap_samples: int, seed: int) -> pd.DataFrame:
+                     ap_samples: int, seed: int, resample: str = "two_level") -> pd.DataFrame:
     """Fig. 4's data: each metric per (method, number of subjects)."""
     rows = []
     for (method, n), m in metrics.groupby(["method", "n_subjects"], sort=True):
@@ -155,9 +247,9 @@ def by_subject_count(metrics: pd.DataFrame, detections: pd.DataFrame, columns: S
         for col in columns:
             if col == "ap50":
                 d = detections[detections["method"] == method] if len(detections) else detections
-                est = ap50_bootstrap(m, d, ap_samples, seed)
+                est = ap50_bootstrap(m, d, ap_samples, seed, resample)
             elif col in m:
-                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed)
+                est = combination_mean_bootstrap(per_image(m, col), col, samples, seed, resample)
             else:
                 continue
             row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi})
@@ -172,7 +264,7 @@ HEADERS = {"ap50": ("AP50", 1), **IMAGE_METRICS, "time_s": ("Time (s/img)", 2), 
 ATTENTION_COLUMNS = ["attn_in_box_image", "attn_in_box_text"]
 
 
-def attention_table(rows: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame:
+def attention_table(rows: pd.DataFrame, samples: int, seed: int, resample: str = "two_level") -> pd.DataFrame:
     """Per method: each attention-in-box column's mean (over combinations of per-combination means of the
     per-image means over the subjects where it is defined) with its bootstrap interval, and the counts."""
     out = []
@@ -180,7 +272,7 @@ def attention_table(rows: pd.DataFrame, samples: int, seed: int) -> pd.DataFrame
         row = {"method": method, "n_images": int(m["image"].nunique())}
         for col in ATTENTION_COLUMNS:
             defined = m.dropna(subset=[col])
-            est = combination_mean_bootstrap(per_image(defined, col), col, samples, seed)
+            est = combination_mean_bootstrap(per_image(defined, col), col, samples, seed, resample)
             row.update({col: est.mean, f"{col}_lo": est.lo, f"{col}_hi": est.hi, f"{col}_undefined": int(len(m) - len(defined))})
         out.append(row)
     return pd.DataFrame(out)
@@ -203,22 +295,29 @@ def display_table(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    cols = [str(c) for c in df.columns]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
+    """A pipe table (pandas' ``to_markdown``); cells are written as they are, not re-parsed as numbers."""
+    return df.to_markdown(index=False, disable_numparse=True, missingval="")
+
+
+_LATEX_SPECIALS = {"\\": "\\textbackslash{}", "&": "\\&", "%": "\\%", "$": "\\$", "#": "\\#", "_": "\\_",
+                   "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
+
+
+def _latex_signs(text: str) -> str:
+    """The signs OT1 text fonts lack, as maths (after escaping)."""
+    return text.replace("±", "$\\pm$").replace("<", "$<$").replace(">", "$>$")
 
 
 def latex(df: pd.DataFrame, caption: str) -> str:
-    def esc(v) -> str:
-        return str(v).replace("±", "$\\pm$").replace("_", "\\_").replace("%", "\\%").replace("&", "\\&")
+    """A booktabs table through ``Styler.to_latex``: cells and headers escaped by pandas (``escape="latex"``),
+    the caption by the same rules."""
+    def cell(v):
+        return "" if v is None else _latex_signs(v) if isinstance(v, str) else v
 
-    cols = "l" + "r" * (len(df.columns) - 1)
-    body = [" & ".join(esc(c) for c in df.columns) + " \\\\", "\\midrule"]
-    body += [" & ".join(esc(v) for v in row) + " \\\\" for row in df.itertuples(index=False)]
-    return ("\\begin{table}[t]\n\\centering\n\\small\n"
-            f"\\caption{{{esc(caption)}}}\n\\begin{{tabular}}{{{cols}}}\n\\toprule\n"
-            + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n\\end{table}\n")
+    styler = df.style.hide(axis="index").format(cell, escape="latex").format_index(escape="latex", axis=1)
+    caption = _latex_signs("".join(_LATEX_SPECIALS.get(ch, ch) for ch in caption))
+    return styler.to_latex(caption=caption, hrules=True, position="t", position_float="centering",
+                           column_format="l" + "r" * (len(df.columns) - 1), environment="table")
 
 
 def plot_fig4(data: pd.DataFrame, columns: Sequence[str], path, title: str) -> None:
@@ -480,37 +579,41 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     out.mkdir(parents=True, exist_ok=True)
     header, tiny = models_header(records, [r[3] for r in runs])
     samples, ap_samples, seed = int(bootstrap["samples"]), int(bootstrap["ap_samples"]), int(bootstrap["seed"])
+    resample = check_resample(bootstrap.get("resample", "two_level"))
+    interval = interval_text(resample, samples, ap_samples)
     devices = ",".join(sorted(records["device"].astype(str).unique()))
     dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
     prov = _provenance(records, metrics)
     unscored = sum(len(r[4]["unscored"]) for r in runs)
     stamp = (f"{header} Device {devices}, dtype {dtypes}. Provenance: images git {', '.join(prov['images_git'])} "
              f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
-             f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}. Means over combinations "
-             f"of per-combination means, ± half the bootstrap 95% interval over images ({samples} resamples; AP50: "
-             f"{ap_samples})."
+             f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}. {interval}"
              + (f" {unscored} recorded image(s) not scored yet are not in the tables (run evaluate)." if unscored else ""))
     written = {}
 
     def write_table(name: str, table: pd.DataFrame, columns: Sequence[str], caption: str, note: str = "") -> None:
         shown = display_table(table, columns) if len(table) else pd.DataFrame()
         banner = (TINY_BANNER + "\n\n") if tiny else ""
+        if shown.astype(str).apply(lambda c: c.str.contains("n/a", regex=False)).any().any():
+            note = f"{note}n/a: {NA_REASON[resample]} (a bootstrap over a single unit has no spread to show).\n\n"
         md = f"# {caption}\n\n{banner}{stamp}\n\n{note}{markdown(shown) if len(shown) else '(no rows)'}\n"
         runfolder.atomic_write(out / f"{name}.md", lambda p: p.write_text(md))
         runfolder.atomic_write(out / f"{name}.csv", lambda p: table.to_csv(p, index=False))
-        tex_caption = caption + (" TINY RANDOM MODELS: not a quality result." if tiny else "")
+        tex_caption = (f"{caption}. {interval_caption(resample)}" + (f" n/a: {NA_REASON[resample]}." if "n/a:" in note else "")
+                       + (" TINY RANDOM MODELS: not a quality result." if tiny else ""))
         runfolder.atomic_write(out / f"{name}.tex", lambda p: p.write_text(
             f"% {stamp}\n" + (latex(shown, tex_caption) if len(shown) else f"% {note or 'no rows'}\n")))
         written[name] = md
 
     benchmark = benchmark_of(metrics["combination"])  # from the combination ids: per-benchmark columns, published rows
     table1_columns = TABLE1_BY_BENCHMARK.get(benchmark, TABLE1)
-    table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True)
+    table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True,
+                          resample=resample)
     # attention in box, from the attention maps of the images that have them (record_attention=true)
     attention = attention_rows(record_runs)
     attention_columns = []
     if len(attention):
-        attn = attention_table(attention, samples, seed)
+        attn = attention_table(attention, samples, seed, resample)
         table1 = table1.merge(attn.drop(columns=["n_images"]), on="method", how="left")
         attention_columns = ATTENTION_COLUMNS
         write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
@@ -524,30 +627,24 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         written["table1"] += "\n" + published
         runfolder.atomic_write(out / "table1.md", lambda p: p.write_text(written["table1"]))
     ablation = metrics[metrics["n_subjects"] >= 3]
-    table2 = method_table(ablation, detections, records, TABLE2, samples, ap_samples, seed, with_cost=False) if len(ablation) else pd.DataFrame()
+    table2 = method_table(ablation, detections, records, TABLE2, samples, ap_samples, seed, with_cost=False,
+                          resample=resample)  # no rows: a CSV with its header
     note = "" if len(ablation) else "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n"
     write_table("table2", table2, TABLE2, "Table 2: ablation over the combinations with 3 or more subjects", note)
 
-    fig4 = by_subject_count(metrics, detections, FIG4, samples, ap_samples, seed)
+    fig4 = by_subject_count(metrics, detections, FIG4, samples, ap_samples, seed, resample)
     runfolder.atomic_write(out / "fig4.csv", lambda p: fig4.to_csv(p, index=False))
     title = ("TINY RANDOM MODELS - " if tiny else "") + "metrics against the number of subjects"
     runfolder.atomic_write(out / "fig4.png", lambda p: plot_fig4(fig4, FIG4, p, title))
 
     reference = bootstrap.get("reference", "anyms")
     if reference in set(metrics["method"]):
-        comparisons = comparison_table(metrics, reference, [c for c in TABLE1 if c != "ap50"], samples, seed)
+        comparisons = comparison_table(metrics, reference, [c for c in TABLE1 if c != "ap50"], samples, seed, resample)
         runfolder.atomic_write(out / "comparisons.csv", lambda p: comparisons.to_csv(p, index=False))
-        shown = comparisons.assign(
-            difference=[f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" for d, lo, hi in
-                        zip(comparisons.get("difference", []), comparisons.get("lo", []), comparisons.get("hi", []))],
-            p_value=[f"{p:.3f}" for p in comparisons.get("p_value", [])],
-        )[["method", "metric", "difference", "p_value", "pairs"]] if len(comparisons) else comparisons
         runfolder.atomic_write(out / "comparisons.md", lambda p: p.write_text(
-            f"# Paired comparison with {reference}\n\n{(TINY_BANNER + chr(10) * 2) if tiny else ''}Each method minus "
-            f"{reference} on the images both made for the same (combination, seed): mean over combinations of the "
-            "mean difference, bootstrap 95% interval and two-sided bootstrap p-value "
-            f"({samples} resamples of the pairs within each combination).\n\n"
-            f"{markdown(shown) if len(shown) else '(no other method shares images with ' + reference + ')'}\n"))
+            f"# Paired comparison with {reference}\n\n{(TINY_BANNER + chr(10) * 2) if tiny else ''}"
+            f"{comparison_header(reference, resample, samples)}\n\n"
+            f"{markdown(comparison_display(comparisons)) if len(comparisons) else '(no other method shares images with ' + reference + ')'}\n"))
 
     overlap = overlap_table(records)
     runfolder.atomic_write(out / "overlap.csv", lambda p: overlap.to_csv(p, index=False))
@@ -579,12 +676,57 @@ def overlap_table(records: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def sign_flip_test(values: np.ndarray, weights: np.ndarray, samples: int, seed: int) -> dict:
+    """Two-sided paired test of ``sum(weights * values) == 0``: ``scipy.stats.permutation_test`` flipping the
+    sign of each value independently (exact when 2**n <= ``samples``, else ``samples`` random flips and
+    scipy's (count + 1) / (samples + 1), never 0). ``extreme``: how many null draws were at least as far out
+    as the observed value in its nearer tail (0: the p-value is below the test's resolution, 1 / samples)."""
+    from scipy import stats
+
+    values, weights = np.asarray(values, float), np.asarray(weights, float)
+    exact = 2.0 ** len(values) <= samples
+    res = stats.permutation_test((values,), lambda d, axis=-1: np.sum(d * weights, axis=axis),
+                                 permutation_type="samples", vectorized=True, n_resamples=samples,
+                                 alternative="two-sided", rng=np.random.default_rng(seed))
+    observed, null = float(res.statistic), np.asarray(res.null_distribution)
+    gamma = abs(observed) * np.finfo(float).eps * 100  # scipy's own tolerance for ties
+    extreme = int(min((null <= observed + gamma).sum(), (null >= observed - gamma).sum()))
+    return {"p_value": float(res.pvalue), "p_extreme": extreme, "p_resamples": int(len(null)), "p_exact": bool(exact)}
+
+
+def holm(p_values: Sequence[float]) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values of one family (NaN entries are not in the family, and stay NaN):
+    sorted ascending, p_(i) x (m - i + 1), made non-decreasing, capped at 1."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    valid = np.flatnonzero(np.isfinite(p))
+    order = valid[np.argsort(p[valid], kind="stable")]
+    m = len(order)
+    out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    return out
+
+
+def format_p(p: float, resamples: int, extreme: int | None = None) -> str:
+    """A p-value as printed: ``< 1/B`` when no one of the B resamples was as extreme (never ``0``), else
+    with as many decimals as B resolves (at least 3); ``n/a`` when undefined."""
+    if p is None or not np.isfinite(p):
+        return "n/a"
+    resamples = max(int(resamples), 1)
+    decimals = max(3, int(np.ceil(np.log10(resamples))))
+    if extreme == 0 or p < 1 / resamples:
+        return f"< {1 / resamples:.2g}"
+    return f"{p:.{decimals}f}"
+
+
 def paired_comparison(metrics: pd.DataFrame, reference: str, other: str, column: str, samples: int,
-                      seed: int) -> dict | None:
+                      seed: int, resample: str = "two_level") -> dict | None:
     """``other - reference`` on the images both methods made for the same (combination, seed): the mean over
-    combinations of the per-combination mean difference, a bootstrap 95% interval resampling the pairs within
-    each combination, and a two-sided bootstrap p-value (twice the smaller tail of the resampled means
-    beyond 0). ``None`` when the two methods share no (combination, seed)."""
+    combinations of the per-combination mean difference, its percentile bootstrap 95% interval drawn as
+    :func:`combination_mean_bootstrap` draws (``resample``), and a two-sided p-value from
+    :func:`sign_flip_test` at the same unit: the sign of each combination's mean difference (``two_level``;
+    H0: the combinations' differences are symmetric about 0) or of each pair (``within_combinations``).
+    No interval and no p-value (NaN) where the unit is single. ``None`` when the two methods share no
+    (combination, seed)."""
     if column not in metrics:
         return None
     values = per_image(metrics[metrics["method"].isin([reference, other])], column)
@@ -594,23 +736,60 @@ def paired_comparison(metrics: pd.DataFrame, reference: str, other: str, column:
     diff = (wide[other] - wide[reference]).dropna().rename("diff").reset_index()
     if diff.empty:
         return None
-    est = combination_mean_bootstrap(diff, "diff", samples, seed)
-    rng = np.random.default_rng(seed)
-    boot = np.zeros(samples)
+    est = combination_mean_bootstrap(diff, "diff", samples, seed, resample)
     groups = [g["diff"].to_numpy(float) for _, g in diff.groupby("combination")]
-    for g in groups:
-        boot += g[rng.integers(0, len(g), size=(samples, len(g)))].mean(axis=1)
-    boot /= len(groups)
-    p = min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean())) if samples else float("nan")
+    if resample == "two_level":
+        units = np.array([g.mean() for g in groups])
+        weights = np.full(len(units), 1 / len(units))
+    else:
+        units = np.concatenate(groups)
+        weights = np.concatenate([np.full(len(g), 1 / (len(g) * len(groups))) for g in groups])
+    test = (sign_flip_test(units, weights, samples, seed) if len(units) > 1 and samples
+            else {"p_value": float("nan"), "p_extreme": None, "p_resamples": samples, "p_exact": False})
     return {"reference": reference, "method": other, "metric": column, "difference": est.mean, "lo": est.lo,
-            "hi": est.hi, "p_value": float(p), "pairs": len(diff)}
+            "hi": est.hi, **test, "pairs": len(diff), "combinations": len(groups)}
 
 
-def comparison_table(metrics: pd.DataFrame, reference: str, columns: Sequence[str], samples: int, seed: int) -> pd.DataFrame:
+def comparison_table(metrics: pd.DataFrame, reference: str, columns: Sequence[str], samples: int, seed: int,
+                     resample: str = "two_level") -> pd.DataFrame:
+    """Every other method minus ``reference`` on every column; ``p_holm``: Holm's adjustment over the whole
+    table (methods x metrics: one family per report)."""
     rows = []
     for other in sorted(set(metrics["method"]) - {reference}):
         for col in columns:
-            row = paired_comparison(metrics, reference, other, col, samples, seed)
+            row = paired_comparison(metrics, reference, other, col, samples, seed, resample)
             if row is not None:
                 rows.append(row)
-    return pd.DataFrame(rows)
+    if not rows:
+        return pd.DataFrame(columns=["reference", "method", "metric", "difference", "lo", "hi", "p_value", "p_holm",
+                                     "p_extreme", "p_resamples", "p_exact", "pairs", "combinations"])
+    table = pd.DataFrame(rows)
+    table.insert(table.columns.get_loc("p_value") + 1, "p_holm", holm(table["p_value"]))
+    return table
+
+
+def comparison_header(reference: str, resample: str, samples: int) -> str:
+    unit = ("each combination's mean difference (H0: they are symmetric about 0; the combinations are the unit, as "
+            "in the two-level interval)" if resample == "two_level" else
+            "each (combination, seed) pair's difference (the combinations fixed)")
+    return (f"Each method minus {reference} on the images both made for the same (combination, seed): mean over "
+            f"combinations of the mean difference, with its percentile bootstrap 95% interval (bootstrap.resample="
+            f"{resample}: {RESAMPLE[resample]}; {samples} resamples). p: two-sided sign-flip permutation test "
+            f"(scipy.stats.permutation_test) flipping the sign of {unit}; exact when 2^n <= {samples}, else "
+            f"{samples} random flips; '< {1 / max(samples, 1):.2g}' where none of them was as extreme, never 0. "
+            "p (Holm): Holm-Bonferroni adjusted over this table's family (every method x metric). n/a: a single "
+            f"unit ({NA_REASON[resample]}).")
+
+
+def comparison_display(comparisons: pd.DataFrame) -> pd.DataFrame:
+    """comparisons.md's columns: the difference with its interval, raw and Holm-adjusted p side by side."""
+    def diff(d, lo, hi) -> str:
+        return f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}]" if np.isfinite(lo) else f"{d:+.2f} [n/a]"
+
+    return pd.DataFrame({
+        "method": comparisons["method"], "metric": comparisons["metric"],
+        "difference [95% CI]": [diff(*v) for v in zip(comparisons["difference"], comparisons["lo"], comparisons["hi"])],
+        "p": [format_p(p, n, e) for p, n, e in zip(comparisons["p_value"], comparisons["p_resamples"], comparisons["p_extreme"])],
+        "p (Holm)": [format_p(p, n) for p, n in zip(comparisons["p_holm"], comparisons["p_resamples"])],
+        "pairs": comparisons["pairs"], "combinations": comparisons["combinations"],
+    })

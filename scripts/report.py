@@ -5,6 +5,8 @@
     python scripts/report.py run_dir=runs/scale 'run_dirs=[runs/x-scale0.4,runs/x-scale1.0]' split=true
 """
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,6 +26,7 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"report: {err}") from None
     print(f"report: {', '.join(summary['files'])}\n  in {cfg.out_dir}"
           + ("\n  TINY RANDOM MODELS: these numbers check plumbing, not quality" if summary["tiny"] else ""))
+    print("\n" + (Path(cfg.out_dir) / "table1.md").read_text())
 
 
 if __name__ == "__main__":

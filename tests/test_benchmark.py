@@ -45,10 +45,13 @@ def test_paired_comparison_finds_a_constant_shift_and_no_shift():
     shifted = metrics_frame([(c, s, "anyms", v) for c, s, v in base] + [(c, s, "other", v + 5) for c, s, v in base])
     row = paired_comparison(shifted, "anyms", "other", "iou", samples=500, seed=0)
     assert row["difference"] == pytest.approx(5) and row["lo"] == pytest.approx(5) and row["hi"] == pytest.approx(5)
-    assert row["p_value"] == 0 and row["pairs"] == 40
+    # two combinations are two units: the exact sign-flip test cannot go below 2 x 1/4 (issue 16)
+    assert row["p_value"] == pytest.approx(0.5) and row["pairs"] == 40
+    row = paired_comparison(shifted, "anyms", "other", "iou", samples=500, seed=0, resample="within_combinations")
+    assert row["p_extreme"] == 0 and row["p_value"] == pytest.approx(2 / 501)  # 40 pairs: below 1/B, never 0
     noise = metrics_frame([(c, s, "anyms", v) for c, s, v in base]
                           + [(c, s, "other", v + rng.normal(0, 1) * (1 if s % 2 else -1)) for c, s, v in base])
-    row = paired_comparison(noise, "anyms", "other", "iou", samples=500, seed=0)
+    row = paired_comparison(noise, "anyms", "other", "iou", samples=500, seed=0, resample="within_combinations")
     assert row["lo"] < 0 < row["hi"] and row["p_value"] > 0.05
     # only (combination, seed) pairs both methods made count
     partial = metrics_frame([("c01", 0, "anyms", 1.0), ("c01", 1, "anyms", 2.0), ("c01", 1, "other", 5.0)])

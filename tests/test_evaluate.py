@@ -1,6 +1,7 @@
 """The evaluation and report stages: geometry with a known-answer detector, the whole stage on a tiny
 generated run, resuming, and bad inputs."""
 
+import re
 
 import numpy as np
 import pandas as pd
@@ -168,7 +169,7 @@ def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_
     for name in ("table1.md", "table1.csv", "table1.tex", "table2.md", "table2.csv", "table2.tex", "fig4.png", "overlap.md"):
         assert (run / "report" / name).exists(), name
     table1 = (run / "report" / "table1.md").read_text()
-    assert "TINY RANDOM MODELS" in table1 and "| anyms |" in table1 and "| wo_local |" in table1
+    assert "TINY RANDOM MODELS" in table1 and re.search(r"\| anyms +\|", table1) and re.search(r"\| wo_local +\|", table1)
     table2 = pd.read_csv(run / "report" / "table2.csv")
     assert sorted(table2["method"]) == ["anyms", "wo_local"]  # c05 has 3 subjects
     # one offline W&B run per stage, all in the run folder
