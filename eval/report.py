@@ -25,11 +25,42 @@ from eval.published import benchmark_of, published_markdown
 IMAGE_METRICS = {
     "iou": ("mIoU", 1), "clip_i": ("CLIP-I", 1), "dreamsim": ("DreamSim", 1), "dino": ("DINO", 1),
     "clip_t": ("CLIP-T", 1), "m_dino": ("M-DINO", 1), "iou_best": ("mIoU (best match)", 1),
+    "detected_pct": ("Detected %", 1), "swap_pct": ("Identity swap %", 1), "id_margin": ("Identity margin", 1),
 }
-TABLE1 = ["ap50", "iou", "clip_i", "dreamsim", "dino", "clip_t"]
+TABLE1 = ["ap50", "iou", "clip_i", "dreamsim", "dino", "clip_t", "detected_pct"]
+CONFUSION = ["swap_pct", "id_margin"]  # identity confusion (DINO), where images have 2+ subjects
 TABLE1_BY_BENCHMARK = {"msbench": TABLE1 + ["m_dino"]}  # MS-Diffusion's protocol adds M-DINO
 TABLE2 = ["iou", "clip_i", "clip_t"]
-FIG4 = ["ap50", "iou", "clip_i", "dino", "dreamsim", "clip_t"]
+FIG4 = ["ap50", "iou", "clip_i", "dino", "dreamsim", "clip_t", "swap_pct"]
+
+
+def derived_columns(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per-subject columns the tables average: ``detected_pct`` (100 when the subject was found: the share of
+    subjects detected beside the identity scores, so an omission is never hidden) and ``swap_pct`` (100 when the
+    subject's region is closer to another subject's references than to its own; defined for detected subjects
+    of images with 2+ subjects)."""
+    out = metrics.copy()
+    if "detected" in out:
+        out["detected_pct"] = 100.0 * out["detected"].astype(float)
+    if "id_swapped" in out:
+        swapped = out["id_swapped"].astype(float)
+        out["swap_pct"] = np.where(out["id_margin"].notna(), 100.0 * swapped, np.nan) if "id_margin" in out else 100.0 * swapped
+    return out
+
+
+def protocol_line(eval_configs: Sequence[dict]) -> str:
+    """The evaluation protocol's choices that move the numbers, for every table's header."""
+    parts = set()
+    for cfg in eval_configs:
+        e = cfg.get("eval", {})
+        dino = e.get("scorers", {}).get("dino", {})
+        backbone = {"dinov2": "DINOv2", "transformers": "DINO v1", "timm": "DINO v1 (timm)"}.get(dino.get("backend"),
+                                                                                                 dino.get("backend"))
+        parts.add(f"DINO backbone {backbone} ({dino.get('model')}); identity region {e.get('identity_region', 'nearest')}; "
+                  f"missed subjects {e.get('missed_subject', 'box_crop (unsegmented)')} (M-DINO counts them 0); "
+                  f"AP ranked by {e.get('ap_score', 'box')} score; scenes "
+                  f"{'out of' if e.get('layout_excludes_scenes') else 'in'} the layout metrics")
+    return "Protocol: " + " | ".join(sorted(parts)) + "."
 TINY_BANNER = ("**TINY RANDOM MODELS.** These numbers check the harness's plumbing; they say nothing about "
                "the quality of any method.")
 
@@ -94,9 +125,11 @@ def _no_interval(groups: Sequence, resample: str) -> bool:
 
 
 def per_image(metrics: pd.DataFrame, column: str) -> pd.DataFrame:
-    """One value per image: the mean over the image's subjects (per-image metrics repeat on each row)."""
+    """One value per image: the mean over the image's subjects where the metric is defined (per-image metrics
+    repeat on each row); an image where it is defined for no subject (a scene-only layout, excluded missed
+    subjects, no detected subject for the swap rate) is left out."""
     keys = ["method", "combination", "seed", "image", "n_subjects"]
-    return metrics.groupby(keys, as_index=False)[column].mean()
+    return metrics.groupby(keys, as_index=False)[column].mean().dropna(subset=[column])
 
 
 def resampled_means(groups: Sequence[np.ndarray], samples: int, rng: np.random.Generator,
@@ -147,8 +180,9 @@ def ap_images(metrics: pd.DataFrame, detections: pd.DataFrame, images: Sequence[
     out = {}
     for image, g in req.groupby("image", sort=True):
         d = by_image_dets.get(image)
+        in_layout = g[g["in_layout"].astype(bool)] if "in_layout" in g else g  # scenes are no layout ground truth
         out[image] = {
-            "requested": [((r.req_x0, r.req_y0, r.req_x1, r.req_y1), r.phrase) for r in g.itertuples()],
+            "requested": [((r.req_x0, r.req_y0, r.req_x1, r.req_y1), r.phrase) for r in in_layout.itertuples()],
             "detections": [] if d is None else [((r.x0, r.y0, r.x1, r.y1), r.score, r.phrase) for r in d.itertuples()],
             "width": int(g["width"].iloc[0]), "height": int(g["height"].iloc[0]),
         }
@@ -585,7 +619,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
     prov = _provenance(records, metrics)
     unscored = sum(len(r[4]["unscored"]) for r in runs)
-    stamp = (f"{header} Device {devices}, dtype {dtypes}. Provenance: images git {', '.join(prov['images_git'])} "
+    stamp = (f"{header} {protocol_line([r[3] for r in runs])} Device {devices}, dtype {dtypes}. Provenance: images git {', '.join(prov['images_git'])} "
              f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
              f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}. {interval}"
              + (f" {unscored} recorded image(s) not scored yet are not in the tables (run evaluate)." if unscored else ""))
@@ -606,7 +640,10 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         written[name] = md
 
     benchmark = benchmark_of(metrics["combination"])  # from the combination ids: per-benchmark columns, published rows
-    table1_columns = TABLE1_BY_BENCHMARK.get(benchmark, TABLE1)
+    metrics = derived_columns(metrics)
+    table1_columns = list(TABLE1_BY_BENCHMARK.get(benchmark, TABLE1))
+    if "id_swapped" in metrics and metrics["n_subjects"].max() > 1:
+        table1_columns += CONFUSION
     table1 = method_table(metrics, detections, records, table1_columns, samples, ap_samples, seed, with_cost=True,
                           resample=resample)
     # attention in box, from the attention maps of the images that have them (record_attention=true)
@@ -631,6 +668,10 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
                           resample=resample)  # no rows: a CSV with its header
     note = "" if len(ablation) else "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n"
     write_table("table2", table2, TABLE2, "Table 2: ablation over the combinations with 3 or more subjects", note)
+    published = published_markdown(benchmark, table="table2")
+    if published:
+        written["table2"] += "\n" + published
+        runfolder.atomic_write(out / "table2.md", lambda p: p.write_text(written["table2"]))
 
     fig4 = by_subject_count(metrics, detections, FIG4, samples, ap_samples, seed, resample)
     runfolder.atomic_write(out / "fig4.csv", lambda p: fig4.to_csv(p, index=False))

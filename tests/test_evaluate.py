@@ -170,6 +170,13 @@ def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_
         assert (run / "report" / name).exists(), name
     table1 = (run / "report" / "table1.md").read_text()
     assert "TINY RANDOM MODELS" in table1 and re.search(r"\| anyms +\|", table1) and re.search(r"\| wo_local +\|", table1)
+    # issue 15: the protocol named in the header, omissions and identity swaps beside identity, the paper's rows
+    assert "Protocol: DINO backbone DINOv2" in table1 and "identity region anywhere" in table1
+    assert "missed subjects box_crop" in table1 and "AP ranked by phrase score" in table1
+    assert "Detected %" in table1 and "Identity swap %" in table1 and "Identity margin" in table1
+    assert "| AnyMS (published) |" in table1
+    assert "| w/o crop and merge (published) |" in (run / "report" / "table2.md").read_text()
+    assert "AnyMS" not in list(pd.read_csv(run / "report" / "table1.csv")["method"])  # never in our numbers
     table2 = pd.read_csv(run / "report" / "table2.csv")
     assert sorted(table2["method"]) == ["anyms", "wo_local"]  # c05 has 3 subjects
     # one offline W&B run per stage, all in the run folder
