@@ -656,8 +656,11 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
         write_attention_figures(record_runs, out / "attention", int(figures.get("attention", 4)),
                                 "TINY RANDOM MODELS - " if tiny else "")
+    scenes = int((~metrics["in_layout"].astype(bool)).sum()) if "in_layout" in metrics else 0
+    scene_note = (f"{scenes} full-frame scene subject(s) (of {len(metrics)}) are left out of mIoU and AP50: a box that "
+                  "is the whole image says nothing about layout.\n\n") if scenes else ""
     write_table("table1", table1, table1_columns + attention_columns + ["time_s", "memory_gib"],
-                "Table 1: layout, identity and text metrics per method", MEMORY_NOTE)
+                "Table 1: layout, identity and text metrics per method", MEMORY_NOTE + scene_note)
     # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
     published = published_markdown(benchmark)
     if published:

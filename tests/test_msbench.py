@@ -304,6 +304,7 @@ def test_msbench_small_generates_evaluates_and_reports_with_m_dino_and_published
     run_report([run], run / "report", {"samples": 10, "ap_samples": 2, "seed": 0})
     table1 = (run / "report" / "table1.md").read_text()
     measured, published = table1.split(f"## {SECTION_TITLE}")
+    assert "1 full-frame scene subject(s) (of 5) are left out of mIoU and AP50" in measured
     header = next(line for line in measured.splitlines() if line.startswith("| Method"))
     cells = [c.strip() for c in header.split("|")]  # pandas' to_markdown pads the cells
     assert "M-DINO" in cells and "CLIP-I" in cells and "mIoU" in cells
