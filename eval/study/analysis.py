@@ -251,3 +251,17 @@ def study_dirs_with_votes(run_dirs) -> list[Path]:
             if (s / "study.json").is_file() and (s / VOTES_FILE).is_file() and all_votes(s):
                 found.append(s)
     return found
+
+
+def report_hook(run_dirs, out_dir, bootstrap: dict | None = None, tiny_banner: str = "") -> list[str]:
+    """Called by ``eval.report.run_report``: for every study with votes in the run folders, Table 3 and the
+    agreement tables into ``out_dir`` (one study) or ``out_dir/<study folder>/`` (several). Returns the names."""
+    studies = study_dirs_with_votes(run_dirs)
+    bootstrap = dict(bootstrap or {})
+    written = []
+    for s in studies:
+        target = Path(str(out_dir)) if len(studies) == 1 else Path(str(out_dir)) / s.name
+        files = write_study_report(s, target, int(bootstrap.get("samples", 1000)), int(bootstrap.get("seed", 0)),
+                                   tiny_banner + ("\n\n" if tiny_banner else ""))
+        written += files if len(studies) == 1 else [f"{s.name}/{f}" for f in files]
+    return written
