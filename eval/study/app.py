@@ -36,8 +36,8 @@ SECRET_FILE = ".secret_key"
 BASE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Image study</title>
 <style>
 body{font-family:sans-serif;margin:12px;color:#222;max-width:1100px}
-.refs img,.layout img{height:96px;border:1px solid #ccc;margin-right:6px}
-.opts{display:flex;gap:10px;flex-wrap:wrap}.opt{text-align:center}.opt img{width:180px;height:180px;border:1px solid #999}
+.refs img{height:96px;border:1px solid #ccc;margin-right:6px}.layout img{border:1px solid #ccc}
+.opts{display:flex;gap:10px;flex-wrap:wrap}.opt{text-align:center}.opt img{width:170px;height:170px;border:1px solid #999}
 table.crit td{padding:2px 8px;text-align:center}.err{color:#b00;font-weight:bold}
 .top{display:flex;gap:24px;align-items:flex-start}
 </style></head><body>{{ body|safe }}</body></html>"""

@@ -131,7 +131,7 @@ def build_study(run_dirs: Sequence[str | os.PathLike], study_dir: str | os.PathL
             runfolder.save_png(ref, folder / f"ref{j}.png")
             subjects.append({"phrase": s["phrase"], "box": s["box"], "reference": f"ref{j}.png"})
         w, h = int(first.get("width", 512)), int(first.get("height", 512))
-        canvas = Image.new("RGB", (256, max(1, round(256 * h / w))), "white")
+        canvas = Image.new("RGB", (180, max(1, round(180 * h / w))), "white")  # shown at its own size
         runfolder.save_png(draw_boxes(canvas, [s["box"] for s in first["subjects"]],
                                       [s["phrase"] for s in first["subjects"]]), folder / "layout.png")
         out_cases.append({"id": case_id, "combination": key[0], "seed": key[1], "prompt": first["prompt"],
