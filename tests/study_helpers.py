@@ -44,7 +44,7 @@ def write_study_run(run_dir: Path, methods=METHODS, seeds=(0, 1), size: int = 96
     refs.mkdir(parents=True, exist_ok=True)
     for i, p in enumerate(PHRASES):
         _picture(refs / f"{p}.png", 1000 + i, 64, p)
-    rows = []
+    rows, detections = [], []
     for mi, method in enumerate(methods):
         for ci, (combination, n) in enumerate(COMBINATIONS.items()):
             for seed in seeds:
@@ -63,10 +63,20 @@ def write_study_run(run_dir: Path, methods=METHODS, seeds=(0, 1), size: int = 96
                 for j in range(n):
                     # anyms best on every metric, text_only worst; dreamsim reversed (a metric that disagrees)
                     score = {"anyms": 3.0, "ms_diffusion": 2.0, "text_only": 1.0}.get(method, 0.5) + 0.01 * j
+                    x0, y0, x1, y1 = BOXES[j]
                     rows.append({"image": rel, "method": method, "combination": combination, "seed": seed,
-                                 "subject": PHRASES[j], "in_layout": True, "iou": score / 4, "clip_i": 20 * score,
-                                 "dino": 10 * score, "dreamsim": 100 - 10 * score, "clip_t": 25 + score})
+                                 "subject": PHRASES[j], "phrase": PHRASES[j], "in_layout": True, "iou": score / 4,
+                                 "clip_i": 20 * score, "dino": 10 * score, "dreamsim": 100 - 10 * score,
+                                 "clip_t": 25 + score, "req_x0": x0, "req_y0": y0, "req_x1": x1, "req_y1": y1,
+                                 "width": size, "height": size})
+                    # anyms's detection is the box, ms_diffusion's 70% of it (IoU 0.7), text_only's a speck elsewhere
+                    det = {"anyms": (x0, y0, x1, y1), "ms_diffusion": (x0, y0, x0 + 0.7 * (x1 - x0), y1)}.get(
+                        method, (0.97, 0.0, 1.0, 0.03))
+                    detections.append({"image": rel, "method": method, "combination": combination,
+                                       "phrase": PHRASES[j], "score": 0.9, "box_score": 0.9, "phrase_score": 0.9,
+                                       **dict(zip(("x0", "y0", "x1", "y1"), det))})
     pd.DataFrame(rows).to_parquet(run_dir / "metrics.parquet", index=False)
+    pd.DataFrame(detections).to_parquet(run_dir / "detections.parquet", index=False)
     return run_dir
 
 

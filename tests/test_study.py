@@ -200,7 +200,17 @@ def test_export_and_report(study_dir, tmp_path):
     t3 = pd.read_csv(tmp_path / "report" / "table3.csv")
     assert set(t3["method"]) == set(study["methods"])  # the csv holds our rows only
     agreement = pd.read_csv(tmp_path / "report" / "agreement.csv")
-    assert set(agreement["metric"]) == {"clip_t", "iou", "clip_i", "dino", "dreamsim"}
+    assert set(agreement["metric"]) == {"clip_t", "iou", "ap50", "clip_i", "dino", "dreamsim"}
+    # r1 and r2 pick option 0, r3 option 1 in every case: check agreement against the synthetic metrics, which
+    # rank anyms > ms_diffusion > text_only (dreamsim reversed; per-image AP50 100 / 100 or 0 / 0)
+    cases = pd.read_csv(tmp_path / "report" / "agreement_cases.csv")
+    for case in study["cases"]:
+        people = case["options"][0]["method"]
+        for metric, best in (("clip_t", "anyms"), ("iou", "anyms"), ("dreamsim", "text_only")):
+            row = cases[(cases["case_id"] == case["id"]) & (cases["metric"] == metric)].iloc[0]
+            assert row["metric_best"] == best and bool(row["top1"]) == (people == best), (case["id"], metric)
+        ap = cases[(cases["case_id"] == case["id"]) & (cases["metric"] == "ap50")].iloc[0]
+        assert ap["metric_best"] == "anyms,ms_diffusion" and bool(ap["top1"]) == (people != "text_only")
 
 
 def test_report_hook_adds_table3(tmp_path):

@@ -11,8 +11,9 @@ participants), inter-rater agreement (Krippendorff's alpha) and metric-human agr
   subjects in ``metrics.parquet``; mIoU over the subjects in the layout) against its vote share in that case.
   ``top1``: the metric's best method is one the people preferred first (a method with the most votes; ties count);
   ``tau``: Kendall's tau-b (``scipy.stats.kendalltau``) between the metric and the shares, left out where either is
-  constant. CLIP-T vs text alignment, mIoU vs layout control, CLIP-I / DINO / DreamSim vs concept alignment.
-  AP is a set-level metric (no per-image value), so layout control is compared with mIoU only.
+  constant. CLIP-T vs text alignment, mIoU and AP50 vs layout control, CLIP-I / DINO / DreamSim vs concept
+  alignment. AP50 here is the image's own AP (pycocotools over that image's requested boxes and kept detections,
+  ``detections.parquet``), since a case compares single images; it is coarse with few boxes.
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ import pandas as pd
 from .build import load_study
 from .store import VOTES_FILE, all_votes
 
-METRIC_FOR = {"text_alignment": ["clip_t"], "layout_control": ["iou"],
+METRIC_FOR = {"text_alignment": ["clip_t"], "layout_control": ["iou", "ap50"],
               "concept_alignment": ["clip_i", "dino", "dreamsim"]}
 NAMES = {"concept_alignment": "Concept alignment", "text_alignment": "Text alignment",
          "layout_control": "Layout control", "overall_quality": "Overall quality",
-         "clip_t": "CLIP-T", "iou": "mIoU", "clip_i": "CLIP-I", "dino": "DINO", "dreamsim": "DreamSim"}
+         "clip_t": "CLIP-T", "iou": "mIoU", "ap50": "AP50 (per image)", "clip_i": "CLIP-I", "dino": "DINO", "dreamsim": "DreamSim"}
 
 
 def votes_frame(study_dir) -> pd.DataFrame:
@@ -106,10 +107,27 @@ def krippendorff_alpha(votes: pd.DataFrame, study: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _image_ap50(run_dir: str, layout_rows: pd.DataFrame, image: str, cache: dict) -> float:
+    """The image's own AP50 from its run folder's detections.parquet; NaN where the run has none or the
+    metrics lack the requested boxes."""
+    from eval.layout_metrics import ap50
+    from eval.report import ap_images
+
+    if run_dir not in cache:
+        path = Path(run_dir) / "detections.parquet"
+        cache[run_dir] = pd.read_parquet(path) if path.is_file() else None
+    detections = cache[run_dir]
+    need = {"req_x0", "req_y0", "req_x1", "req_y1", "phrase", "width", "height"}
+    if detections is None or not len(layout_rows) or not need <= set(layout_rows.columns):
+        return np.nan
+    by_image = ap_images(layout_rows, detections, [image])
+    return float(ap50([by_image[image]])) if image in by_image else np.nan
+
+
 def image_metrics(study: dict) -> pd.DataFrame:
     """Per study option (case, method): the image's mean of each metric over its subjects (mIoU over the subjects
     in the layout), from the source run folders' ``metrics.parquet``; empty when none is evaluated."""
-    parts = {}
+    parts, detections = {}, {}
     rows = []
     for case in study["cases"]:
         for o in case["options"]:
@@ -127,9 +145,10 @@ def image_metrics(study: dict) -> pd.DataFrame:
             for col in ("clip_t", "clip_i", "dino", "dreamsim"):
                 if col in sel:
                     row[col] = float(pd.to_numeric(sel[col], errors="coerce").mean())
+            lay = sel[sel["in_layout"].astype(bool)] if "in_layout" in sel else sel
             if "iou" in sel:
-                lay = sel[sel["in_layout"].astype(bool)] if "in_layout" in sel else sel
                 row["iou"] = float(pd.to_numeric(lay["iou"], errors="coerce").mean()) if len(lay) else np.nan
+            row["ap50"] = _image_ap50(d, lay, o["image"], detections)
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -199,10 +218,11 @@ def write_study_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
     alpha = krippendorff_alpha(votes, study) if len(votes) else pd.DataFrame(columns=["criterion", "alpha", "raters", "units"])
     per_case, summary = metric_agreement(votes, study, image_metrics(study))
     n_participants = int(votes["participant"].nunique()) if len(votes) else 0
+    models = sorted({str(o.get("model") or "?") for c in study["cases"] for o in c["options"]})
     header = (f"{tiny_banner}Study `{study['name']}` ({study['study_id']}): {study['n_cases']} cases, "
               f"{n_participants} participants, {len(votes)} votes; each participant picks one or two images per "
               "case and criterion; share = the method's votes / all votes of the criterion; 95% bootstrap interval "
-              f"over participants ({samples} resamples).")
+              f"over participants ({samples} resamples). Images made by: {', '.join(models)}.")
     shown = pd.DataFrame({"Method": t3["method"], **{NAMES[c]: [f"{_f(r[c])} [{_f(r[c + '_lo'])}, {_f(r[c + '_hi'])}]"
                                                                  for _, r in t3.iterrows()] for c in criteria}})
     alpha_md = _md(pd.DataFrame({"Criterion": [NAMES[c] for c in alpha["criterion"]],
@@ -234,8 +254,8 @@ def write_study_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
     agreement_md = (f"# Metric-human agreement\n\n{header}\n\nPer case and criterion: top-1 agreement = share of cases "
                     "where the metric's best method is one the people preferred first (most votes; ties count); "
                     "Kendall's tau-b between the metric and the vote shares over the case's methods (left out where "
-                    "either is constant), averaged over cases. AP has no per-image value, so layout control uses "
-                    "mIoU.\n\n" + (_md(agree_shown) if len(summary) else
+                    "either is constant), averaged over cases. AP50 is each image's own AP (its requested boxes and "
+                    "kept detections), coarse with few boxes.\n\n" + (_md(agree_shown) if len(summary) else
                                    "(no metrics.parquet in the study's run folders, or no votes)") +
                     f"\n\n## Inter-rater agreement\n\n{alpha_md}\n")
     runfolder.atomic_write(out / "agreement.md", lambda p: p.write_text(agreement_md))

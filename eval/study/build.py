@@ -123,6 +123,7 @@ def build_study(run_dirs: Sequence[str | os.PathLike], study_dir: str | os.PathL
             used.add(option)
             shutil.copyfile(d / rec["image"], folder / f"{option}.png")
             options.append({"id": option, "method": m, "run_dir": str(d), "image": rec["image"],
+                            "model": (rec.get("model") or {}).get("name"),
                             "image_sha256": runfolder.file_digest(folder / f"{option}.png")})
         subjects = []
         for j, s in enumerate(first["subjects"]):
