@@ -23,14 +23,14 @@ def main(cfg: DictConfig) -> None:
     import runfolder
 
     try:
+        if str(cfg.study_dir).startswith("None/"):
+            raise StudyError("give study_dir=... (or run_dir=..., whose study/ folder is the default)")
         if cfg.command == "build":
             from eval.study.build import build_study
 
             run_dirs = list(cfg.run_dirs) if cfg.run_dirs else ([cfg.run_dir] if cfg.run_dir else [])
             if not run_dirs:
                 raise StudyError("build needs run_dir=... or run_dirs=[...]")
-            if cfg.run_dir is None and OmegaConf.is_missing(cfg, "study_dir"):
-                raise StudyError("give study_dir=... with run_dirs")
             study = build_study(run_dirs, cfg.study_dir, int(cfg.n_cases),
                                 list(cfg.methods) if cfg.methods else None, int(cfg.seed), str(cfg.name),
                                 bool(cfg.overwrite))

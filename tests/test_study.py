@@ -3,7 +3,6 @@ report hook, and every bad input of item 3 sent over HTTP to a real server (a 4x
 
 from __future__ import annotations
 
-import json
 import sqlite3
 
 import httpx
