@@ -10,7 +10,7 @@
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 COMMANDS = ("build", "serve", "export", "report")
 

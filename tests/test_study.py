@@ -3,12 +3,14 @@ report hook, and every bad input of item 3 sent over HTTP to a real server (a 4x
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from eval.study import store
 from eval.study.analysis import krippendorff_alpha, metric_agreement, table3, write_study_report
@@ -42,9 +44,22 @@ def test_build_draws_cases_across_subject_counts_reproducibly(run, tmp_path):
     assert counts.count(4) == 2 and abs(counts.count(2) - counts.count(3)) <= 1
     case = a["cases"][0]
     folder = tmp_path / "a" / "files" / case["id"]
-    for o in case["options"]:  # the images are the run folder's bytes, under opaque names
-        assert (folder / f"{o['id']}.png").read_bytes() == (run / o["image"]).read_bytes()
-        assert o["method"] not in o["id"]
+    for o in case["options"]:  # the images are the run folder's pixels, under opaque names, without metadata
+        shown, source = Image.open(folder / f"{o['id']}.png"), Image.open(run / o["image"])
+        assert np.array_equal(np.asarray(shown.convert("RGB")), np.asarray(source.convert("RGB")))
+        assert o["method"] not in o["id"] and not shown.info
+    # a PNG imported from elsewhere that names its method in a text chunk: the study's copy does not
+    from PIL import PngImagePlugin
+
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("Comment", "made by ms_diffusion")
+    o = case["options"][1]
+    tagged = tmp_path / "tagged"
+    shutil.copytree(run, tagged, ignore=shutil.ignore_patterns("study*"))
+    Image.open(tagged / o["image"]).save(tagged / o["image"], pnginfo=meta)
+    rebuilt = build_study([tagged], tmp_path / "tagged_study", n_cases=3, seed=5)
+    option = next(x for x in rebuilt["cases"][0]["options"] if x["method"] == o["method"])
+    assert b"ms_diffusion" not in (tmp_path / "tagged_study" / "files" / rebuilt["cases"][0]["id"] / f"{option['id']}.png").read_bytes()
     assert (folder / "layout.png").is_file() and (folder / "ref0.png").is_file()
     with pytest.raises(StudyError, match="n_cases=99"):
         build_study([run], tmp_path / "c", n_cases=99)

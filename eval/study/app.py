@@ -74,6 +74,10 @@ STOPPED = """<h1>Paused</h1><p id="paused">Your answers so far are saved. Enter 
 <p><a href="{{ url_for('index') }}">Start page</a></p>"""
 
 
+ERROR = """<h1>Not accepted</h1><p id="refused">{{ message }} Nothing was stored.</p>
+{% if home %}<p><a href="{{ url_for('index') }}">Start page</a></p>{% endif %}"""
+
+
 def _secret(study_dir: Path) -> bytes:
     path = study_dir / SECRET_FILE
     if not path.exists():
@@ -138,6 +142,16 @@ def create_app(study_dir: str | os.PathLike) -> Flask:
         if not expected or not hmac.compare_digest(sent.encode(), expected.encode()):
             abort(403, "missing or wrong form token: reload the page")
         return None
+
+    @app.errorhandler(401)
+    def not_signed_in(err):
+        return page(ERROR, 401, message="Enter your participant code first.", home=True)
+
+    @app.errorhandler(400)
+    @app.errorhandler(403)
+    @app.errorhandler(404)
+    def refused(err):
+        return page(ERROR, err.code, message=f"{err.name}: {err.description}", home=err.code == 403)
 
     @app.get("/")
     def index():

@@ -2,7 +2,7 @@
 image per chosen method, copied into a study folder that the web app serves and nothing else.
 
     <study_dir>/study.json                   cases, criteria, options (opaque ids -> method), sources, settings
-    <study_dir>/files/<case>/<option>.png    the methods' images (bytes as in the run folder)
+    <study_dir>/files/<case>/<option>.png    the methods' images (the run folder's pixels, no metadata)
     <study_dir>/files/<case>/ref<j>.png      subject j's reference, as generation reads it
     <study_dir>/files/<case>/layout.png      the requested boxes drawn and labelled on white
     <study_dir>/votes.sqlite                 written by the web app (eval/study/store.py)
@@ -121,8 +121,12 @@ def build_study(run_dirs: Sequence[str | os.PathLike], study_dir: str | os.PathL
             while option in used:
                 option = f"o{rng.getrandbits(32):08x}"
             used.add(option)
-            shutil.copyfile(d / rec["image"], folder / f"{option}.png")
+            # pixels only: a PNG made elsewhere may carry text chunks naming its method, which must not reach
+            # the participant
+            with Image.open(d / rec["image"]) as im:
+                runfolder.save_png(im.convert("RGB"), folder / f"{option}.png")
             options.append({"id": option, "method": m, "run_dir": str(d), "image": rec["image"],
+                            "source_sha256": runfolder.file_digest(d / rec["image"]),
                             "model": (rec.get("model") or {}).get("name"),
                             "image_sha256": runfolder.file_digest(folder / f"{option}.png")})
         subjects = []
