@@ -242,6 +242,14 @@ def test_report_hook_adds_table3(tmp_path):
     finally:
         con.close()
     files = report_hook([run], tmp_path / "report", {"samples": 20, "seed": 0}, "TINY")
+    # a study built again over its votes with other cases: serving and reporting refuse, nothing is mixed
+    build_study([run], run / "study", n_cases=2, seed=7, overwrite=True)
+    with pytest.raises(StudyError, match="another build"):
+        report_hook([run], tmp_path / "report2")
+    with pytest.raises(store.StoreError, match="another study"):
+        from eval.study.app import create_app
+
+        create_app(run / "study")
     assert "table3.md" in files and (tmp_path / "report" / "table3.md").read_text().count("TINY") == 1
     t3 = pd.read_csv(tmp_path / "report" / "table3.csv").set_index("method")
     first = study["cases"][0]["options"][0]["method"]

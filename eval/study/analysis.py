@@ -210,7 +210,14 @@ def write_study_report(study_dir: str | os.PathLike, out_dir: str | os.PathLike,
     import runfolder
     from eval.published import published_markdown
 
+    from .build import StudyError
+    from .store import stored_study_id
+
     study = load_study(study_dir)
+    bound = stored_study_id(study_dir)
+    if bound not in (None, study["study_id"]):
+        raise StudyError(f"{Path(str(study_dir)) / VOTES_FILE} holds the votes of another build of this study "
+                         f"({bound}, the study is now {study['study_id']}): its votes name other cases or images")
     votes = votes_frame(study_dir)
     out = Path(str(out_dir))
     methods, criteria = study["methods"], study["criteria"]

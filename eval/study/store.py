@@ -96,6 +96,21 @@ def answered_cases(con: sqlite3.Connection, participant: str) -> set[str]:
                                       (participant,))}
 
 
+def stored_study_id(study_dir: str | os.PathLike) -> str | None:
+    """The study id the votes database is bound to (None: no database or no vote yet)."""
+    path = Path(str(study_dir)) / VOTES_FILE
+    if not path.exists():
+        return None
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key='study_id'").fetchone()
+    except sqlite3.OperationalError:
+        row = None
+    finally:
+        con.close()
+    return row[0] if row else None
+
+
 def all_votes(study_dir: str | os.PathLike, include_superseded: bool = False) -> list[dict]:
     path = Path(str(study_dir)) / VOTES_FILE
     if not path.exists():
