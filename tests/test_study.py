@@ -211,6 +211,7 @@ def test_export_and_report(study_dir, tmp_path):
     md = (tmp_path / "report" / "table3.md").read_text()
     ours, published = md.split("## Published (not measured here)")
     assert "AnyMS (published)" in published and "(published)" not in ours and "0.72" in published
+    assert "; as printed" in published and "x 100" not in published  # vote shares are shown as printed
     t3 = pd.read_csv(tmp_path / "report" / "table3.csv")
     assert set(t3["method"]) == set(study["methods"])  # the csv holds our rows only
     agreement = pd.read_csv(tmp_path / "report" / "agreement.csv")
