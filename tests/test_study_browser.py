@@ -43,6 +43,7 @@ def browser():
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
+    driver.implicitly_wait(5)  # elements of a page still loading after a navigation
     try:
         yield driver
     finally:
