@@ -274,4 +274,7 @@ def serve(study_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 800
     app = create_app(study_dir)
     print(f"study: serving {study_dir} at http://{host}:{port}/ (Ctrl-C stops; votes are in "
           f"{Path(str(study_dir)) / store.VOTES_FILE})", flush=True)
-    app.run(host=host, port=int(port), threaded=True, debug=False, use_reloader=False)
+    try:
+        app.run(host=host, port=int(port), threaded=True, debug=False, use_reloader=False)
+    except OSError as err:  # the port taken, or a host this machine does not have
+        raise SystemExit(f"study serve: cannot listen on {host}:{port} ({err.strerror or err}); give port=...") from None
