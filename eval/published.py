@@ -105,5 +105,6 @@ def published_markdown(benchmark: str | None, columns: Sequence[str] | None = No
             f"Reference rows from {entry.get('source')}{' <' + entry['url'] + '>' if entry.get('url') else ''}. "
             "Not computed by this harness and "
             "never part of the means above"
-            + ("; shown x 100 with the printed value in brackets" if factor != 1.0 else "; as printed") + ".\n\n"
+            + ("; shown x 100 with the printed value in brackets"
+               if factor != 1.0 and any(m not in unscaled for m in metrics) else "; as printed") + ".\n\n"
             + "\n".join(lines) + "\n\n" + (f"Protocol: {note}\n" if note else ""))

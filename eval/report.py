@@ -696,6 +696,10 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         "# Overlap share per combination\n\nFraction of boxed tokens covered by two or more boxes, at the model's "
         "finest and coarsest cross-attention grids: where it is 0 the full method and the w/o-crop-and-merge "
         f"ablation compute the same image.\n\n{markdown(overlap)}\n"))
+    # issue 19: Table 3 and metric-human agreement when a study in the run folders has votes (eval/study/)
+    from eval.study.analysis import report_hook
+    report_hook(run_dirs, out, bootstrap, TINY_BANNER if tiny else "")
+
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
                "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
     if (out / "attention").is_dir():
