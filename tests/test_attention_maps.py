@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from anyms.attention_maps import AttentionMapSettings, phrase_token_positions
-from anyms.generate import load_model
-from anyms.layout import Layout, Subject, grid_for
-from anyms.pipeline import GenerationSettings
+from anyms.core.attention_maps import AttentionMapSettings, phrase_token_positions
+from anyms.generation.generate import load_model
+from anyms.core.layout import Layout, Subject, grid_for
+from anyms.methods.base import GenerationSettings
 from eval.attention import in_box_share
 from runfolder.attention_maps import AttentionMapsError, check_attention_maps, grid_key
 
@@ -174,7 +174,7 @@ def test_generate_with_record_attention_then_evaluate_and_report_draw_the_maps(t
     import pandas as pd
 
     import runfolder
-    from anyms.generate import run_generation
+    from anyms.generation.generate import run_generation
     from eval.evaluate import run_evaluation
     from eval.report import run_report
 

@@ -114,7 +114,7 @@ def test_make_benchmark_tiny_profile_end_to_end(tmp_path):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_subject_count_layouts_are_reproducible_valid_and_as_requested(overlap, tmp_path):
     from anyms.benchmark import load_combinations
-    from anyms.random_layouts import combinations
+    from anyms.benchmark.random_layouts import combinations
 
     from .test_generate import make_cfg
 

@@ -12,8 +12,8 @@ from PIL import Image
 
 import runfolder
 from anyms.benchmark import BenchmarkConfigError, load_combinations
-from anyms.generate import GenerationConfigError, run_generation
-from anyms.pipeline import ModelLoadError
+from anyms.generation.generate import GenerationConfigError, run_generation
+from anyms.methods.base import ModelLoadError
 
 from .conftest import REPO, data_root, quiet_wandb
 

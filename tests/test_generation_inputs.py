@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-import anyms.generate
+import anyms.generation.generate
 from anyms.benchmark import BenchmarkConfigError
-from anyms.generate import GenerationConfigError, run_generation
+from anyms.generation.generate import GenerationConfigError, run_generation
 from runfolder.references import MIN_SIDE, ReferenceImageError, load_reference
 
 from .conftest import REPO
@@ -51,7 +51,7 @@ def no_model(monkeypatch):
     def load(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(anyms.generate, "load_model", load)
+    monkeypatch.setattr(anyms.generation.generate, "load_model", load)
 
 
 def truncated(path):
@@ -145,7 +145,7 @@ def test_sixteen_bit_and_transparent_references_are_normalized(tmp_path):
 
 
 def test_generation_sees_a_16_bit_reference_as_its_8_bit_image(tmp_path, tiny_root):
-    from anyms.models import load_pipeline
+    from anyms.methods.loading import load_pipeline
 
     eight = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(eight).save(tmp_path / "rgb8.png")

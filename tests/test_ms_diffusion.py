@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import runfolder
-from anyms.attention import image_attention
-from anyms.generate import load_model, run_generation
-from anyms.layout import Layout, Subject
-from anyms.ms_diffusion import (
+from anyms.core.attention import image_attention
+from anyms.generation.generate import load_model, run_generation
+from anyms.core.layout import Layout, Subject
+from anyms.methods.ms_diffusion import (
     CHECKPOINT_KEYS,
     GroundingResampler,
     build_adapter,
@@ -26,8 +26,8 @@ from anyms.ms_diffusion import (
     resolve_checkpoint,
     subject_weights,
 )
-from anyms.pipeline import GenerationSettings, ModelLoadError
-from anyms.tiny import MS_DIFFUSION_RESAMPLER, random_ms_diffusion_state_dict, tiny_bigg_image_encoder, write_tiny_ms_diffusion
+from anyms.methods.base import GenerationSettings, ModelLoadError
+from anyms.methods.ms_diffusion import MS_DIFFUSION_RESAMPLER, random_ms_diffusion_state_dict, tiny_bigg_image_encoder, write_tiny_ms_diffusion
 
 from .test_generate import make_cfg, needs_data
 
@@ -359,7 +359,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
 def test_image_encoder_without_its_vision_weights_is_refused(tiny_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from anyms.ms_diffusion import load_image_encoder
+    from anyms.methods.ms_diffusion import load_image_encoder
 
     root = write_tiny_ms_diffusion(tiny_root)
     encoder = load_image_encoder(str(root / "CLIP-ViT-bigG-14"), name="tiny")
@@ -401,7 +401,7 @@ def test_round_trip_generates_through_the_real_loader(tmp_path, tiny_root):
 
 @needs_data
 def test_dummy_tokens_change_nothing_in_a_generated_image(tmp_path, tiny_root):
-    from anyms.generate import generation_settings
+    from anyms.generation.generate import generation_settings
     from anyms.benchmark import load_combinations
 
     cfg = make_cfg(tmp_path, "method=ms_diffusion", "model=tiny", "benchmark=smoke", "generation.steps=4", tiny_root=tiny_root)
