@@ -345,7 +345,7 @@ def test_phrase_width_must_equal_the_projection_size(make_pipeline):
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError,
-                       match=r"model 'sdxl': no MS-Diffusion checkpoint 'ms_adapter.bin' in .*check model.ms_diffusion.repo"):
+                       match=r"model 'sdxl': no MS-Diffusion checkpoint 'ms_adapter.bin' in .*check method.weights.sdxl.repo"):
         resolve_checkpoint(str(tmp_path), name="sdxl")
     import huggingface_hub.constants
 
@@ -371,7 +371,7 @@ def test_image_encoder_without_its_vision_weights_is_refused(tiny_root, tmp_path
     with pytest.raises(ModelLoadError, match=r"lacks weights of its vision tower.*visual_projection.weight"):
         load_image_encoder(str(broken), name="tiny")
     with pytest.raises(ModelLoadError,
-                       match=r"cannot load MS-Diffusion's image encoder .*check model.ms_diffusion.image_encoder"):
+                       match=r"cannot load MS-Diffusion's image encoder .*check method.weights.tiny.image_encoder"):
         load_image_encoder(str(tmp_path / "nothing"), name="tiny")
 
 
@@ -437,5 +437,5 @@ def test_zero_scale_is_exactly_the_text_only_image(tmp_path, tiny_root):
 @needs_data
 def test_sd15_has_no_ms_diffusion_weights(tmp_path):
     cfg = make_cfg(tmp_path, "method=ms_diffusion", "model=sd15", "benchmark=smoke")
-    with pytest.raises(ModelLoadError, match=r"model 'sd15' has no MS-Diffusion weights.*use model=sdxl"):
+    with pytest.raises(ModelLoadError, match=r"method 'ms_diffusion' has no MS-Diffusion weights for model 'sd15'.*model=sdxl"):
         run_generation(cfg)

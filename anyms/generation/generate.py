@@ -224,10 +224,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         run_dir = runfolder.checked_run_dir(cfg.run_dir)
     except runfolder.RunFolderError as err:
         raise GenerationConfigError(str(err)) from None
-    try:
-        check_model_paths(cfg.model, cfg.method)
-    except ModelLoadError as err:  # no weights for this base model: stop before anything is written
-        raise GenerationConfigError(str(err)) from None
+    check_model_paths(cfg.model, cfg.method)  # and the method's weights for this base model
     model_ids, method_ids = identities(cfg.model, cfg.method)
     work = [(c, s) for c in combos for s in seeds]
     work = work[shard[0] :: shard[1]]
