@@ -34,7 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from anyms.core.layout import Layout, grid_for, grid_levels
-from runfolder.attention_maps import grid_key
+
+def grid_key(h: int, w: int) -> str:
+    """A grid's name in the arrays (``runfolder.attention_maps.grid_key``, restated so that the core needs
+    diffusers alone; tests check the arrays with ``runfolder.attention_maps.check_attention_maps``)."""
+    return f"{int(h)}x{int(w)}"
+
 
 DEFAULT_LEVELS = (2, 4)  # the latent's 1/2 and 1/4: SDXL's two cross-attention resolutions
 
