@@ -101,6 +101,10 @@ class AnyMSPipeline(BasePipeline):
             self._stock = False
         self.state.mode = method
 
+    def pipeline_kwargs(self, layout: Layout, height: int, width: int) -> dict:
+        """Extra keyword arguments of the diffusers pipeline's call (a subclass's hook; none here)."""
+        return {}
+
     def __call__(self, prompt: str, layout: Layout, seed: int, settings: GenerationSettings,
                  attention: str = "fused", record: AttentionMapSettings | None = None) -> GenerationResult:
         """One image. ``attention``: an AnyMS mode (``fused``, ``crop_merge``, ``masked_sum``, ``sum``,
@@ -131,6 +135,7 @@ class AnyMSPipeline(BasePipeline):
                 prompt=prompt, negative_prompt=settings.negative_prompt, ip_adapter_image_embeds=[embeds],
                 num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale, height=height,
                 width=width, generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pil",
+                **self.pipeline_kwargs(layout, height, width),
             )
         seconds = self._elapsed(start)
         return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw,
