@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from anyms import msbench
+from anyms.benchmark import msbench
 from anyms.benchmark import BenchmarkConfigError, load_combinations, parse_seeds
 from eval.published import BENCHMARK_IDS, SECTION_TITLE, benchmark_of, published_markdown, published_rows
 

@@ -41,7 +41,7 @@ from PIL import Image
 from anyms.core.attention_maps import AttentionMapSettings, AttentionRecorder, phrase_token_positions
 from anyms.core.layout import Layout, grid_levels
 from runfolder import file_digest
-from runfolder.references import load_reference
+
 
 class GenerationConfigError(ValueError):
     """A generation setting that cannot run; the one-line message names the field and the fix. Raised before
