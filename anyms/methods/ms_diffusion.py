@@ -660,10 +660,14 @@ class MSDiffusion(MSDiffusionPipeline):
     @classmethod
     def identity(cls, method: Mapping, model_ids: Mapping) -> tuple[dict, dict]:
         """The base model without the IP-Adapter it does not load, with MS-Diffusion's weights for it (as
-        ``ms_diffusion``); the method's settings without the weight table."""
+        ``ms_diffusion``); the method's settings without the weight table: the shape of its identity before issue 17."""
         model = {k: v for k, v in model_ids.items() if k != "ip_adapter"}
         model["ms_diffusion"] = (method.get("weights") or {}).get(model_ids["name"])
-        return model, {k: v for k, v in method.items() if k not in ("_target_", "weights")}
+        # "pipeline" and "attention" were keys of its config before issue 17: kept, so that existing run folders
+        # keep their config hashes (the images are byte-identical) and are not made again
+        settings = {"pipeline": METHOD, "attention": METHOD}
+        settings.update((k, v) for k, v in method.items() if k not in ("_target_", "weights"))
+        return model, settings
 
 
 # --- tiny random weights in the released checkpoint's layout (model=tiny, model=tiny_sd15) -----------------
