@@ -1,4 +1,4 @@
-"""MS-Diffusion as a native baseline (anyms/ms_diffusion.py): grounding tokens, the multi-subject masked
+"""MS-Diffusion as a native baseline (anyms/methods/ms_diffusion.py): grounding tokens, the multi-subject masked
 cross-attention against an oracle of its rules, the released checkpoint's layout, generation on the tiny
 models, and the contrast with AnyMS in overlapping boxes."""
 
