@@ -22,7 +22,8 @@ from PIL import Image
 from anyms.core.attention import MODES, AnyMSState, install, install_stock
 from anyms.core.attention_maps import AttentionMapSettings
 from anyms.core.layout import Layout
-from anyms.methods.base import (BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, check_local_paths, frozen,
+from anyms.methods.base import (BasePipeline, GenerationConfigError, GenerationResult, GenerationSettings, ModelLoadError,
+                                check_local_paths, frozen,
                                 peak_memory_bytes)
 from runfolder.references import load_reference
 
@@ -164,6 +165,6 @@ class IPAdapterMethod(AnyMSPipeline):
     @classmethod
     def check(cls, method: Mapping, model: Mapping) -> None:
         if method.get("attention", "fused") not in ATTENTION_KINDS:
-            raise ValueError(f"method.attention {method.get('attention')!r}: use one of {ATTENTION_KINDS}")
+            raise GenerationConfigError(f"method.attention {method.get('attention')!r}: use one of {ATTENTION_KINDS}")
         if not model.get("tiny"):
             check_local_paths({"model.ip_adapter.repo": (model.get("ip_adapter") or {}).get("repo")})
