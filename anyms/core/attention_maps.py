@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anyms.core.attention import attention_prelude
 from anyms.core.layout import Layout, grid_for, grid_levels
 
 def grid_key(h: int, w: int) -> str:
@@ -217,33 +218,22 @@ class RecordingProcessor(torch.nn.Module):
 
     def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> None:
         rec = self.recorder
-        spatial_hw = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else None
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        grid = spatial_hw or grid_for(hidden_states.shape[1], rec.latent_hw)
+        grid = (tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4
+                else grid_for(hidden_states.shape[1], rec.latent_hw))
         if not rec.wants(grid):
             return
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         text, image_input = split_encoder_states(self.inner, encoder_hidden_states)
-        batch = hidden_states.shape[0]
+        p = attention_prelude(attn, hidden_states, text, attention_mask, temb)  # as the processors prepare it
         heads = attn.heads
 
         def split_heads(t):  # [B, len, H*D] -> [B, H, len, D]
             return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
-        rows = rec.cond_rows(batch)
-        query = split_heads(attn.to_q(hidden_states))[rows].float()
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
-        text_keys = split_heads(attn.to_k(text))[rows].float()
-        logits = query @ text_keys.transpose(-1, -2) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
-            logits = logits + mask.view(batch, heads, -1, mask.shape[-1])[rows].float()
+        rows = rec.cond_rows(p.batch_size)
+        query = p.query[rows].float()
+        logits = query @ p.key[rows].float().transpose(-1, -2) * attn.scale
+        if p.attention_mask is not None:
+            logits = logits + p.attention_mask[rows].float()
         text_probs = logits.softmax(-1)  # [B, H, L, text tokens]
         text_map = torch.stack([text_probs[..., pos].sum(-1) if pos else text_probs.new_zeros(text_probs.shape[:-1])
                                 for pos in rec.phrase_positions])  # [n, B, H, L]
