@@ -12,7 +12,7 @@ HYDRA_KEYS := model method benchmark generation run_dir data_root shard overwrit
 OVERRIDES = $(foreach k,$(HYDRA_KEYS),$(if $(value $(k)),$(k)=$(value $(k))))
 ARGS ?=
 
-.PHONY: setup test test-fast lint generate evaluate report smoke benchmark paper-tables bench-perf check-real-size data clean-venv
+.PHONY: setup test test-fast lint lint-imports generate evaluate report smoke benchmark paper-tables bench-perf check-real-size data clean-venv
 
 setup: $(STAMP)
 
@@ -85,6 +85,11 @@ check-real-size: setup
 
 lint: setup
 	$(VENV)/bin/ruff check anyms eval runfolder scripts tests benchmarks
+
+# the architecture rules (import-linter; contracts in pyproject.toml): anyms and eval never import each other,
+# the method core imports nothing of the generation stage, no cycles
+lint-imports: setup
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/lint-imports
 
 # DreamBench subject images into $$ANYMS_DATA_ROOT or data/
 data: setup

@@ -13,7 +13,7 @@ for n = 2, 3, 5, 7 subjects laid out as in the anyms11 benchmark. Variants, each
   as ``IPAdapterMaskProcessor`` gives them), diffusers' way to compute our ``masked_sum``;
 - ``anyms_fused`` (the method, as installed by default: the subjects' tokens projected in every call, as
   the stock processor does), ``anyms_crop_merge`` (its literal reference), ``anyms_masked_sum`` and
-  ``anyms_sum`` (the ablations): :class:`anyms.attention.AnyMSAttnProcessor` on the same layer and weights;
+  ``anyms_sum`` (the ablations): :class:`anyms.core.attention.AnyMSAttnProcessor` on the same layer and weights;
 - ``anyms_fused_reuse``: ``fused`` with ``reuse_projected_tokens`` on, called again and again with the same
   image embeddings as over the steps of a generation, so it reuses the projected tokens (steps 2 to 30 of 30).
 
@@ -96,7 +96,7 @@ LAYOUT_BOXES = {
 
 def layout_for(n: int):
     """The benchmark layout of ``n`` subjects (one of :data:`LAYOUT_BOXES`, or the first ``n`` of the 7)."""
-    from anyms.layout import Layout, Subject
+    from anyms.core.layout import Layout, Subject
 
     boxes = LAYOUT_BOXES.get(n) or LAYOUT_BOXES[7][:n]
     if len(boxes) != n:
@@ -143,7 +143,7 @@ class Layer:
         """One zero-argument callable per variant, for ``n`` subjects."""
         from diffusers.models.attention_processor import AttnProcessor2_0
 
-        from anyms.attention import AnyMSAttnProcessor, AnyMSState
+        from anyms.core.attention import AnyMSAttnProcessor, AnyMSState
 
         attn, hidden, text = self.attn, self.hidden, self.text
         layout = layout_for(n)

@@ -40,7 +40,7 @@ def worker(n: int, dtype_name: str) -> dict:
     from PIL import Image
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from anyms.pipeline import AnyMSPipeline
+    from anyms.methods.ip_adapter import AnyMSPipeline
     from anyms.tiny import random_ip_adapter_state_dict, tiny_sdxl_components
     from runfolder.clip_vocab import write_clip_tokenizer_files
 

@@ -7,7 +7,7 @@ whole generation and evaluation path, before anyone pays for GPU hours.
    (:mod:`benchmarks.real_size_models`); CLIP ViT-B/32, DINOv2 ViT-S/14 and DreamSim's ensemble as
    :mod:`benchmarks.evaluate` writes them;
 2. **generate anyms** and 3. **generate ms_diffusion**: ``scripts/generate.py model=sdxl`` pointed at those folders
-   (``model.pretrained``, ``model.ip_adapter.repo``, ``model.ms_diffusion.repo``, ``model.ms_diffusion.image_encoder``),
+   (``model.pretrained``, ``model.ip_adapter.repo``, ``method.weights.sdxl.repo``, ``method.weights.sdxl.image_encoder``),
    1024 px, 2 steps, ``benchmark=real_size`` (one combination of two overlapping subjects, one seed): one image
    per method, through the real loading code;
 4. **evaluate**: ``scripts/evaluate.py eval=default`` pointed at the random evaluators: every metric;
@@ -188,10 +188,12 @@ def generate_overrides(folders: dict, run_dir: Path, method: str, dtype: str, de
     """``scripts/generate.py`` overrides: ``model=sdxl`` pointed at the written folders."""
     overrides = [
         "model=sdxl", f"model.pretrained={folders['sdxl']}", f"model.ip_adapter.repo={folders['ip_adapter']}",
-        f"model.ms_diffusion.repo={folders['ms_diffusion']}", f"model.ms_diffusion.image_encoder={folders['bigg']}",
         f"model.dtype={dtype}", f"model.device={device}", f"method={method}", f"benchmark={BENCHMARK}",
         f"generation.steps={steps}", f"run_dir={run_dir}", "wandb=disabled", "progress=false",
     ]
+    if method == "ms_diffusion":  # its weights live in its own config, per base model (conf/method/ms_diffusion.yaml)
+        overrides += [f"method.weights.sdxl.repo={folders['ms_diffusion']}",
+                      f"method.weights.sdxl.image_encoder={folders['bigg']}"]
     if tiny_size:  # the tests' tiny architectures: their own size and resampler
         overrides += [f"model.size={tiny_size}"]
     return overrides
@@ -223,7 +225,7 @@ def check_outputs(run_dir: Path, dtype: str, size: int, methods=METHODS) -> dict
     from PIL import Image
 
     import runfolder
-    from anyms.models import resolve_dtype as torch_dtype
+    from anyms.methods.loading import resolve_dtype as torch_dtype
 
     records = runfolder.read_records(run_dir)
     problems, found = [], {"images": {}}
@@ -315,7 +317,7 @@ def _pythonpath() -> str:
 
 # the tests' tiny architectures (anyms.tiny's sizes), written by the same writers
 TINY_SIZE = 64
-TINY_MS_RESAMPLER = ["model.ms_diffusion.resampler={dim: 64, depth: 4, dim_head: 64, heads: 1, num_queries: 16, "
+TINY_MS_RESAMPLER = ["method.weights.sdxl.resampler={dim: 64, depth: 4, dim_head: 64, heads: 1, num_queries: 16, "
                      "ff_mult: 4, fourier_freqs: 8}"]
 
 

@@ -8,8 +8,8 @@ folder under ``<root>``                    as the hub repo                      
                                            unet, vae, text_encoder(_2), tokenizer(_2), scheduler
 ``IP-Adapter/``                            h94/IP-Adapter: ``models/image_encoder`` (ViT-H/14)    ``model.ip_adapter.repo``
                                            and ``sdxl_models/ip-adapter-plus_sdxl_vit-h``
-``MS-Diffusion/ms_adapter.bin``            doge1516/MS-Diffusion (the released resampler sizes)  ``model.ms_diffusion.repo``
-``CLIP-ViT-bigG-14-laion2B-39B-b160k/``    laion's whole CLIP bigG/14 (text and vision towers)   ``model.ms_diffusion.image_encoder``
+``MS-Diffusion/ms_adapter.bin``            doge1516/MS-Diffusion (the released resampler sizes)  ``method.weights.sdxl.repo``
+``CLIP-ViT-bigG-14-laion2B-39B-b160k/``    laion's whole CLIP bigG/14 (text and vision towers)   ``method.weights.sdxl.image_encoder``
 ``evaluators/``                            ``grounding-dino-tiny/`` (SwinT, transformers layout) ``eval.detector``,
                                            and ``sam_vit_h_4b8939.pth``                           ``eval.segmenter``
 =========================================  ===================================================  ==========================
@@ -99,7 +99,7 @@ class Sizes:
     image_encoder: dict = field(default_factory=lambda: dict(VIT_H_14))
     bigg: dict = field(default_factory=lambda: json.loads(json.dumps(BIGG_14)))
     ip_resampler: dict = field(default_factory=lambda: dict(IP_PLUS_RESAMPLER))
-    ms_resampler: dict | None = None  # None: MS-Diffusion's released sizes (anyms.ms_diffusion.RESAMPLER_DEFAULTS)
+    ms_resampler: dict | None = None  # None: MS-Diffusion's released sizes (anyms.methods.ms_diffusion.RESAMPLER_DEFAULTS)
     size: int = 1024
 
 
@@ -266,8 +266,8 @@ def write_ms_diffusion(folder: Path, sizes: Sizes, seed: int = 0) -> None:
     text encoder (phrase embeddings) and the bigG vision tower."""
     from transformers import CLIPConfig, CLIPTextConfig
 
-    from anyms.ms_diffusion import RESAMPLER_DEFAULTS
-    from anyms.tiny import random_ms_diffusion_state_dict
+    from anyms.methods.ms_diffusion import RESAMPLER_DEFAULTS
+    from anyms.methods.ms_diffusion import random_ms_diffusion_state_dict
 
     unet = _meta_unet(sizes)
     vision = CLIPConfig(**sizes.bigg).vision_config

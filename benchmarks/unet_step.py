@@ -162,7 +162,7 @@ def step_inputs(unet, spec: ModelSpec, n: int, device: str, dtype, seed: int = 0
 
 def use_variant(unet, variant: str, spec: ModelSpec, n: int):
     """Puts the processors of ``variant`` on the UNet: AnyMS's for ``anyms_*``, the stock ones otherwise."""
-    from anyms.attention import install, uninstall
+    from anyms.core.attention import install, uninstall
 
     from benchmarks.attention import layout_for
 

@@ -26,7 +26,7 @@ HEADERS = {"clip_i": "CLIP-I", "dino": "DINO", "m_dino": "M-DINO", "clip_t": "CL
 SECTION_TITLE = "Published (not measured here)"
 
 # combination ids of the benchmarks (eval/ knows nothing of anyms/: the formats are restated here, and a
-# test checks them against anyms.msbench's ids)
+# test checks them against anyms.benchmark.msbench's ids)
 _MSBENCH_TYPE = r"(?:living|object|scene|upwearing|midwearing|downwearing|wholewearing)"
 BENCHMARK_IDS = {
     "msbench": re.compile(rf"^{_MSBENCH_TYPE}(?:_{_MSBENCH_TYPE})+-[^/+]+(?:\+[^/+]+)+-p\d+$"),

@@ -1,6 +1,6 @@
 """The attention maps of one image in a run folder: ``images/<method>/<combination>/<seed>.attention.npz``,
 named by the image's record (field ``attention_maps``). Written by the generation wing's recorder
-(``anyms.attention_maps``), read by the evaluation wing (``eval.attention``). Arrays, for n subjects in the
+(``anyms.core.attention_maps``), read by the evaluation wing (``eval.attention``). Arrays, for n subjects in the
 record's order and the recorded grids ``g = "HxW"``, finest first:
 
 - ``subjects``, ``phrases``: ``str[n]``; ``phrase_found``: ``bool[n]`` (the phrase's tokens were found in

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 import runfolder
 
 from anyms.benchmark import BenchmarkConfigError
-from anyms.generate import GenerationConfigError, run_generation
-from anyms.pipeline import ModelLoadError
+from anyms.generation.generate import GenerationConfigError, run_generation
+from anyms.methods.base import ModelLoadError
 from runfolder import RunFolderError
 from runfolder.lock import RunFolderLockedError
 from runfolder.references import ReferenceImageError

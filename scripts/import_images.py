@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 import runfolder
 
 from anyms.benchmark import BenchmarkConfigError
-from anyms.importer import import_images
+from anyms.generation.importer import import_images
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import")

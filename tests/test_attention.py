@@ -1,5 +1,5 @@
 """The image term of AnyMS against oracles written here with plain einsum and softmax, following the
-paper's equations token by token, and never calling anyms.attention's internals."""
+paper's equations token by token, and never calling anyms.core.attention's internals."""
 
 import math
 import warnings
@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anyms.attention import MODES, image_attention
-from anyms.layout import Layout, LayoutWarning, Subject
+from anyms.core.attention import MODES, image_attention
+from anyms.core.layout import Layout, LayoutWarning, Subject
 
 ROLE_RANK = {"attribute": 2, "object": 1, "background": 0}
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from anyms.attention_maps import AttentionMapSettings, phrase_token_positions
-from anyms.generate import load_model
-from anyms.layout import Layout, Subject, grid_for
-from anyms.pipeline import GenerationSettings
+from anyms.core.attention_maps import AttentionMapSettings, phrase_token_positions
+from anyms.generation.generate import load_model
+from anyms.core.layout import Layout, Subject, grid_for
+from anyms.methods.base import GenerationSettings
 from eval.attention import in_box_share
 from runfolder.attention_maps import AttentionMapsError, check_attention_maps, grid_key
 
@@ -174,7 +174,7 @@ def test_generate_with_record_attention_then_evaluate_and_report_draw_the_maps(t
     import pandas as pd
 
     import runfolder
-    from anyms.generate import run_generation
+    from anyms.generation.generate import run_generation
     from eval.evaluate import run_evaluation
     from eval.report import run_report
 
@@ -208,3 +208,37 @@ def test_generate_with_record_attention_then_evaluate_and_report_draw_the_maps(t
     (run / "images/anyms/c02/0.attention.npz").write_bytes(b"not a zip")
     with pytest.raises(runfolder.RunFolderError, match=r"0\.attention\.npz: not a readable \.npz"):
         run_report([run], run / "report2", {"samples": 5, "ap_samples": 1, "seed": 0})
+
+
+def test_the_recorder_asks_each_processor_and_never_its_class(pipelines, subject_images):
+    """Any processor that answers ``split_encoder_states`` and ``subject_attention_weights`` is recorded by what it
+    answers (here a constant), whatever its class; one that does not answer gets a zero image map."""
+
+    class Answers:  # not a diffusers or AnyMS class: delegates the call, answers the recorder
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+            return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+        def split_encoder_states(self, encoder_hidden_states):
+            return self.inner.split_encoder_states(encoder_hidden_states)
+
+        def subject_attention_weights(self, attn, query, image_input, layout, grid, rows, split_heads):
+            return query.new_full((len(layout), *query.shape[:3]), 0.25)
+
+    class Silent(Answers):  # answers nothing
+        split_encoder_states = subject_attention_weights = None
+
+    pipe = pipelines["anyms"]
+    unet = pipe.pipe.unet
+    original = dict(unet.attn_processors)
+    layout = two_subjects(subject_images)
+    try:
+        for wrapper, expected in [(Answers, 0.25), (Silent, 0.0)]:
+            unet.set_attn_processor({k: wrapper(p) if k.endswith("attn2.processor") else p for k, p in original.items()})
+            maps = pipe(PROMPT, layout, 0, SETTINGS, attention="fused", record=AttentionMapSettings()).attention_maps
+            np.testing.assert_allclose(maps["image"], expected, atol=1e-6)
+            assert maps["text"].any()
+    finally:
+        unet.set_attn_processor(original)

@@ -105,7 +105,8 @@ def test_make_benchmark_tiny_profile_end_to_end(tmp_path):
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     table1 = pd.read_csv(run / "report" / "table1.csv")
     assert sorted(table1["method"]) == sorted(["anyms", "anyms_literal", "wo_crop_merge", "wo_local",
-                                               "ip_adapter_joint", "text_only", "ms_diffusion"])
+                                               "ip_adapter_joint", "text_only", "ms_diffusion", "ip_adapter_masks",
+                                               "gligen"])
     assert (table1["n_images"] == 22).all()  # 11 combinations x 2 seeds
     table2 = pd.read_csv(run / "report" / "table2.csv")
     assert (table2["n_images"] == 14).all()  # the 7 combinations with 3+ subjects
@@ -117,7 +118,7 @@ def test_make_benchmark_tiny_profile_end_to_end(tmp_path):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_subject_count_layouts_are_reproducible_valid_and_as_requested(overlap, tmp_path):
     from anyms.benchmark import load_combinations
-    from anyms.random_layouts import combinations
+    from anyms.benchmark.random_layouts import combinations
 
     from .test_generate import make_cfg
 

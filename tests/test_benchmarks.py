@@ -45,7 +45,7 @@ def test_reused_projected_tokens_never_change_the_result():
     """With ``reuse_projected_tokens`` AnyMS reuses the subjects' projected tokens between calls with equal
     image embeddings (the steps of a generation): the result is always that of tokens projected afresh, and
     by default nothing is kept (memory as the stock processor's)."""
-    from anyms.attention import AnyMSAttnProcessor, AnyMSState
+    from anyms.core.attention import AnyMSAttnProcessor, AnyMSState
 
     layer = attention.Layer(attention.SMOKE_LEVELS["8x8"])
     layout = attention.layout_for(3)
@@ -94,7 +94,7 @@ def test_unet_step_workers_in_this_process():
 
 
 def test_unet_step_variants_swap_processors():
-    from anyms.attention import AnyMSAttnProcessor
+    from anyms.core.attention import AnyMSAttnProcessor
 
     spec = unet_step.MODELS["tiny"]
     unet = unet_step.build_unet(spec, "cpu", torch.float32)

@@ -138,7 +138,7 @@ def test_report_refuses_runs_evaluated_differently(tmp_path):
 
 @pytest.mark.skipif(DATA is None, reason="needs the DreamBench images")
 def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_root):
-    from anyms.generate import run_generation
+    from anyms.generation.generate import run_generation
 
     from .test_generate import make_cfg
 
@@ -186,7 +186,7 @@ def test_the_whole_stage_on_a_tiny_generated_run(tmp_path, tiny_root, tiny_eval_
 
 @pytest.mark.skipif(DATA is None, reason="needs the DreamBench images")
 def test_images_made_elsewhere_become_a_run_folder_the_evaluator_scores(tmp_path):
-    from anyms.importer import import_images
+    from anyms.generation.importer import import_images
 
     from .test_generate import make_cfg
 

@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-import anyms.generate
+import anyms.generation.generate
 from anyms.benchmark import BenchmarkConfigError
-from anyms.generate import GenerationConfigError, run_generation
+from anyms.generation.generate import GenerationConfigError, run_generation
 from runfolder.references import MIN_SIDE, ReferenceImageError, load_reference
 
 from .conftest import REPO
@@ -51,7 +51,7 @@ def no_model(monkeypatch):
     def load(*a, **k):
         raise AssertionError("a model was loaded before the bad input was reported")
 
-    monkeypatch.setattr(anyms.generate, "load_model", load)
+    monkeypatch.setattr(anyms.generation.generate, "load_model", load)
 
 
 def truncated(path):
@@ -89,8 +89,8 @@ CONFIG_ERRORS = [
     (["method.adapter_scale=high"], GenerationConfigError, "method.adapter_scale: expected a number"),
     (["model=sd15", "model.pretrained=/nowhere/sd15"], GenerationConfigError, "model.pretrained: /nowhere/sd15 does not exist"),
     (["model=sdxl", "model.ip_adapter.repo=./no/such/folder"], GenerationConfigError, "model.ip_adapter.repo: ./no/such/folder"),
-    (["model=sdxl", "method=ms_diffusion", "model.ms_diffusion.image_encoder=/nowhere/bigG"], GenerationConfigError,
-     "model.ms_diffusion.image_encoder: /nowhere/bigG"),
+    (["model=sdxl", "method=ms_diffusion", "method.weights.sdxl.image_encoder=/nowhere/bigG"], GenerationConfigError,
+     "method.weights.sdxl.image_encoder: /nowhere/bigG"),
     (["model=tiny", "model.dtype=fp8"], GenerationConfigError, "model.dtype 'fp8' is not one of"),
 ]
 
@@ -145,17 +145,17 @@ def test_sixteen_bit_and_transparent_references_are_normalized(tmp_path):
 
 
 def test_generation_sees_a_16_bit_reference_as_its_8_bit_image(tmp_path, tiny_root):
-    from anyms.models import load_pipeline
+    from anyms.methods.ip_adapter import IPAdapterMethod
 
     eight = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(eight).save(tmp_path / "rgb8.png")
     gray = eight[..., 0].astype(np.uint16)
     Image.fromarray(gray * 257).save(tmp_path / "g16.png")
     Image.fromarray(gray.astype(np.uint8)).convert("RGB").save(tmp_path / "g8.png")
-    pipe = load_pipeline(name="tiny", kind="sdxl", pretrained=str(tiny_root / "sdxl"), size=64,
+    pipe = IPAdapterMethod(name="anyms", model=dict(name="tiny", kind="sdxl", pretrained=str(tiny_root / "sdxl"), size=64,
                          ip_adapter={"repo": str(tiny_root / "IP-Adapter"), "subfolder": "sdxl_models",
                                      "weight_name": "ip-adapter-plus_sdxl_vit-h.safetensors",
-                                     "image_encoder_folder": "models/image_encoder", "plus": True})
+                                     "image_encoder_folder": "models/image_encoder", "plus": True}))
     e16 = pipe.subject_embeddings([str(tmp_path / "g16.png")], cfg=True)
     e8 = pipe.subject_embeddings([str(tmp_path / "g8.png")], cfg=True)
     assert torch_equal(e16, e8)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import runfolder
-from anyms.generate import image_config_hash, model_identity, run_generation
+from anyms.generation.generate import image_config_hash, model_identity, run_generation
 from anyms.benchmark import load_combinations
 from runfolder.lock import writer_lock
 
@@ -138,7 +138,7 @@ def test_plans_accumulate_and_a_failed_validation_writes_nothing(tmp_path, tiny_
 def test_the_hash_sees_threads_resolved_dtype_and_device(tmp_path, monkeypatch):
     import torch
 
-    import anyms.models
+    import anyms.methods.loading
 
     def hash_of(*overrides):
         cfg = make_cfg(tmp_path, "model=tiny", "benchmark=smoke", *overrides)
@@ -148,7 +148,7 @@ def test_the_hash_sees_threads_resolved_dtype_and_device(tmp_path, monkeypatch):
     assert hash_of("model.torch_threads=1") != hash_of("model.torch_threads=2")  # 6 of 22 PNGs differ
     assert hash_of("model.dtype=auto") == hash_of("model.dtype=fp32")  # auto is fp32 on the CPU: the same bytes
     cpu_auto = hash_of("model.dtype=auto")
-    monkeypatch.setattr(anyms.models, "resolve_device", lambda device="auto": torch.device("cuda"))
+    monkeypatch.setattr(anyms.methods.loading, "resolve_device", lambda device="auto": torch.device("cuda"))
     assert hash_of("model.dtype=auto") != cpu_auto  # fp16 on CUDA
     cfg = make_cfg(tmp_path, "model=tiny", "model.dtype=auto")
     assert model_identity(cfg.model, cfg.method)["dtype"] == "float16"

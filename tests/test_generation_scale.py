@@ -13,9 +13,9 @@ from PIL import Image
 
 import runfolder
 from anyms.benchmark import BenchmarkConfigError, load_combinations
-from anyms.generate import generation_settings, load_model, run_generation
-from anyms.layout import Layout
-from anyms.ms_diffusion import subject_weights
+from anyms.generation.generate import generation_settings, load_model, run_generation
+from anyms.core.layout import Layout
+from anyms.methods.ms_diffusion import subject_weights
 
 from .conftest import REPO
 from .test_generate import DATA, make_cfg, needs_data
@@ -92,7 +92,7 @@ def test_ms_diffusion_default_scale_is_the_official_one_for_every_subject(tmp_pa
     cfg = make_cfg(tmp_path, "model=tiny", "method=ms_diffusion")
     settings = generation_settings(cfg)
     assert cfg.method.full_frame_adapter_scale is None and settings.adapter_scale == 0.6
-    from anyms.layout import Subject
+    from anyms.core.layout import Subject
 
     scene = Layout([Subject(name="a", image="x", box=(0.2, 0.2, 0.5, 0.9), phrase="dog"),
                     Subject(name="b", image="y", box=(0, 0, 1, 1), phrase="beach", role="background")])
@@ -128,7 +128,7 @@ def test_the_readme_import_command_runs(tmp_path):
 
 @needs_data
 def test_importing_under_a_generated_methods_name_is_refused(tmp_path, tiny_root):
-    from anyms.importer import import_images
+    from anyms.generation.importer import import_images
 
     run_dir = tmp_path / "run"
     run_generation(make_cfg(run_dir, "model=tiny", "benchmark=smoke", tiny_root=tiny_root))

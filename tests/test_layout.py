@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anyms.layout import Layout, LayoutError, LayoutWarning, Subject, grid_for, grid_levels
+from anyms.core.layout import Layout, LayoutError, LayoutWarning, Subject, grid_for, grid_levels
 
 
 def subject(name, box, **kw):

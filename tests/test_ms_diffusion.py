@@ -1,4 +1,4 @@
-"""MS-Diffusion as a native baseline (anyms/ms_diffusion.py): grounding tokens, the multi-subject masked
+"""MS-Diffusion as a native baseline (anyms/methods/ms_diffusion.py): grounding tokens, the multi-subject masked
 cross-attention against an oracle of its rules, the released checkpoint's layout, generation on the tiny
 models, and the contrast with AnyMS in overlapping boxes."""
 
@@ -13,10 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import runfolder
-from anyms.attention import image_attention
-from anyms.generate import load_model, run_generation
-from anyms.layout import Layout, Subject
-from anyms.ms_diffusion import (
+from anyms.core.attention import image_attention
+from anyms.generation.generate import load_model, run_generation
+from anyms.core.layout import Layout, Subject
+from anyms.methods.ms_diffusion import (
     CHECKPOINT_KEYS,
     GroundingResampler,
     build_adapter,
@@ -26,8 +26,8 @@ from anyms.ms_diffusion import (
     resolve_checkpoint,
     subject_weights,
 )
-from anyms.pipeline import GenerationSettings, ModelLoadError
-from anyms.tiny import MS_DIFFUSION_RESAMPLER, random_ms_diffusion_state_dict, tiny_bigg_image_encoder, write_tiny_ms_diffusion
+from anyms.methods.base import GenerationSettings, ModelLoadError
+from anyms.methods.ms_diffusion import MS_DIFFUSION_RESAMPLER, random_ms_diffusion_state_dict, tiny_bigg_image_encoder, write_tiny_ms_diffusion
 
 from .test_generate import make_cfg, needs_data
 
@@ -345,7 +345,7 @@ def test_phrase_width_must_equal_the_projection_size(make_pipeline):
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError,
-                       match=r"model 'sdxl': no MS-Diffusion checkpoint 'ms_adapter.bin' in .*check model.ms_diffusion.repo"):
+                       match=r"model 'sdxl': no MS-Diffusion checkpoint 'ms_adapter.bin' in .*check method.weights.sdxl.repo"):
         resolve_checkpoint(str(tmp_path), name="sdxl")
     import huggingface_hub.constants
 
@@ -359,7 +359,7 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path, monkeypatch):
 def test_image_encoder_without_its_vision_weights_is_refused(tiny_root, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from anyms.ms_diffusion import load_image_encoder
+    from anyms.methods.ms_diffusion import load_image_encoder
 
     root = write_tiny_ms_diffusion(tiny_root)
     encoder = load_image_encoder(str(root / "CLIP-ViT-bigG-14"), name="tiny")
@@ -371,7 +371,7 @@ def test_image_encoder_without_its_vision_weights_is_refused(tiny_root, tmp_path
     with pytest.raises(ModelLoadError, match=r"lacks weights of its vision tower.*visual_projection.weight"):
         load_image_encoder(str(broken), name="tiny")
     with pytest.raises(ModelLoadError,
-                       match=r"cannot load MS-Diffusion's image encoder .*check model.ms_diffusion.image_encoder"):
+                       match=r"cannot load MS-Diffusion's image encoder .*check method.weights.tiny.image_encoder"):
         load_image_encoder(str(tmp_path / "nothing"), name="tiny")
 
 
@@ -401,7 +401,7 @@ def test_round_trip_generates_through_the_real_loader(tmp_path, tiny_root):
 
 @needs_data
 def test_dummy_tokens_change_nothing_in_a_generated_image(tmp_path, tiny_root):
-    from anyms.generate import generation_settings
+    from anyms.generation.generate import generation_settings
     from anyms.benchmark import load_combinations
 
     cfg = make_cfg(tmp_path, "method=ms_diffusion", "model=tiny", "benchmark=smoke", "generation.steps=4", tiny_root=tiny_root)
@@ -437,5 +437,5 @@ def test_zero_scale_is_exactly_the_text_only_image(tmp_path, tiny_root):
 @needs_data
 def test_sd15_has_no_ms_diffusion_weights(tmp_path):
     cfg = make_cfg(tmp_path, "method=ms_diffusion", "model=sd15", "benchmark=smoke")
-    with pytest.raises(ModelLoadError, match=r"model 'sd15' has no MS-Diffusion weights.*use model=sdxl"):
+    with pytest.raises(ModelLoadError, match=r"method 'ms_diffusion' has no MS-Diffusion weights for model 'sd15'.*model=sdxl"):
         run_generation(cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from anyms import msbench
+from anyms.benchmark import msbench
 from anyms.benchmark import BenchmarkConfigError, load_combinations, parse_seeds
 from eval.published import BENCHMARK_IDS, SECTION_TITLE, benchmark_of, published_markdown, published_rows
 
@@ -202,13 +202,13 @@ def test_msbench_loads_every_sample_and_missing_subjects_are_skipped_or_named():
 def test_the_hook_names_bad_generators(tmp_path):
     from omegaconf import OmegaConf
 
-    both = OmegaConf.create({"name": "x", "combinations": {"c": {}}, "generator": {"_target_": "anyms.msbench.combinations"}})
+    both = OmegaConf.create({"name": "x", "combinations": {"c": {}}, "generator": {"_target_": "anyms.benchmark.msbench.combinations"}})
     with pytest.raises(BenchmarkConfigError, match="either combinations or generator"):
         load_combinations(both, tmp_path)
     with pytest.raises(BenchmarkConfigError, match="cannot import anyms.nowhere.f"):
         load_combinations({"name": "x", "generator": {"_target_": "anyms.nowhere.f"}}, tmp_path)
     with pytest.raises(BenchmarkConfigError, match=r"msbench.json does not exist.*fetch_data.py --dataset msbench"):
-        load_combinations({"name": "x", "generator": {"_target_": "anyms.msbench.combinations"}}, tmp_path)
+        load_combinations({"name": "x", "generator": {"_target_": "anyms.benchmark.msbench.combinations"}}, tmp_path)
 
 
 def test_a_data_root_of_only_definitions_skips_everything_or_names_the_images(tmp_path):
@@ -278,7 +278,7 @@ def test_the_report_recognises_msbench_runs_by_their_ids(generated):
 
 @needs_msbench
 def test_msbench_small_generates_evaluates_and_reports_with_m_dino_and_published_rows(tmp_path, tiny_root, tiny_eval_root):
-    from anyms.generate import run_generation
+    from anyms.generation.generate import run_generation
     from eval.evaluate import EvaluationError, run_evaluation
     from eval.report import run_report
 

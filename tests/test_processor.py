@@ -7,8 +7,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0, IPAdapterAttnProcessor2_0
 from safetensors.torch import save_file
 
-from anyms.attention import AnyMSAttnProcessor, install, uninstall
-from anyms.layout import Layout, LayoutWarning, Subject
+from anyms.core.attention import AnyMSAttnProcessor, install, uninstall
+from anyms.core.layout import Layout, LayoutWarning, Subject
 from anyms.tiny import random_ip_adapter_state_dict
 
 SIZE = 64  # pixels: an 8x8 latent

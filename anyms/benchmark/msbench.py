@@ -23,7 +23,7 @@ Roles for AnyMS's priority rule come from the data types: wearables (up/mid/down
 are identical and its living + wholewearing boxes nested, so the wearable (attribute) owns every token of
 the living subject's box: :func:`no_token_report` lists those samples and subjects.
 
-    python -m anyms.msbench [--data-root ../shared]     # counts and the no-token report
+    python -m anyms.benchmark.msbench [--data-root ../shared]     # counts and the no-token report
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 from anyms.benchmark import IMAGE_SUFFIXES, BenchmarkConfigError, resolve_data_root
-from anyms.layout import Layout, LayoutWarning, Subject
+from anyms.core.layout import Layout, LayoutWarning, Subject
 
 log = logging.getLogger(__name__)
 

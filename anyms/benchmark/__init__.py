@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from anyms.layout import Layout, LayoutError, Subject
+from anyms.core.layout import Layout, LayoutError, Subject
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 SUBJECT_FIELDS = {"name", "image", "phrase", "role", "priority", "scale"}
@@ -72,7 +72,7 @@ def load_combinations(benchmark: Mapping, data_root: str | os.PathLike | None) -
     root = resolve_data_root(data_root)
     combos = benchmark.get("combinations") or {}
     generated = benchmark.get("generator") is not None
-    if generated:  # combinations made by code (e.g. anyms.msbench.combinations), validated as literal ones
+    if generated:  # combinations made by code (e.g. anyms.benchmark.msbench.combinations), validated as literal ones
         combos = _generated_combinations(name, benchmark, root)
     if not combos:
         raise BenchmarkConfigError(f"benchmark {name}: no combinations")

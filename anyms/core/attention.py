@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor, IPAdapterAttnProcessor2_0
 
-from anyms.layout import Layout, grid_for
+from anyms.core.layout import Layout, grid_for
 
 MODES = ("fused", "crop_merge", "masked_sum", "sum", "joint", "none")
 LAYOUT_MODES = ("fused", "crop_merge", "masked_sum")
@@ -212,6 +212,92 @@ def box_groups(layout: Layout, grid: tuple[int, int], device) -> QueryGroups:
 
 
 @dataclass
+class Prelude:
+    """A cross-attention call's inputs as every processor here prepares them (:func:`attention_prelude`)."""
+
+    residual: torch.Tensor
+    input_ndim: int
+    spatial_hw: tuple[int, int] | None
+    shape4d: tuple[int, int, int, int] | None
+    batch_size: int
+    head_dim: int
+    query: torch.Tensor  # [B, H, L, D]
+    key: torch.Tensor  # [B, H, S, D], from the text tokens
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None  # [B, H, L or 1, S] or None
+
+    def heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
+        """``[B, len, H*D] -> [B, H, len, D]``."""
+        return t.view(self.batch_size, -1, heads, self.head_dim).transpose(1, 2)
+
+
+def attention_prelude(attn: Attention, hidden_states: torch.Tensor, text: torch.Tensor | None,
+                      attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> Prelude:
+    """diffusers' attention prelude, once for every processor: spatial norm, a 4-D input flattened to tokens,
+    the attention mask prepared per head, group norm, the query, the text (normed when the layer says so)
+    projected to keys and values, all split into heads. ``text`` None: self-attention."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_ndim = hidden_states.ndim
+    spatial_hw = shape4d = None
+    if input_ndim == 4:
+        shape4d = tuple(hidden_states.shape)
+        batch_size, channel, height, width = shape4d
+        spatial_hw = (height, width)
+        hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+    batch_size, sequence_length, _ = hidden_states.shape if text is None else text.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if text is None:
+        text = hidden_states
+    elif attn.norm_cross:
+        text = attn.norm_encoder_hidden_states(text)
+    key, value = attn.to_k(text), attn.to_v(text)
+    head_dim = key.shape[-1] // attn.heads
+
+    def heads(t):
+        return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+    return Prelude(residual, input_ndim, spatial_hw, shape4d, batch_size, head_dim, heads(query), heads(key),
+                   heads(value), attention_mask)
+
+
+def attention_epilogue(attn: Attention, out: torch.Tensor, p: Prelude) -> torch.Tensor:
+    """``out [B, H, L, D]`` back to the layer's output: heads merged, ``to_out``, the 4-D shape, the residual."""
+    hidden_states = out.transpose(1, 2).reshape(p.batch_size, -1, attn.heads * p.head_dim).to(p.query.dtype)
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if p.input_ndim == 4:
+        hidden_states = hidden_states.transpose(-1, -2).reshape(*p.shape4d)
+    if attn.residual_connection:
+        hidden_states = hidden_states + p.residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def split_ip_adapter_states(encoder_hidden_states):
+    """``(text, image input)`` as diffusers' IP-Adapter processors receive them: ``(text, [embeddings])``."""
+    if isinstance(encoder_hidden_states, tuple):
+        text, images = encoder_hidden_states
+        return text, images
+    return encoder_hidden_states, None
+
+
+def ip_adapter_logits(to_k_ip, attn, query, image_input, rows, split_heads) -> tuple[torch.Tensor, int]:
+    """``([B, H, L, n*T] logits of the queries on every subject's image tokens, T)`` through one adapter."""
+    embeds = image_input[0]
+    if embeds.ndim == 3:
+        embeds = embeds[:, None]
+    T = embeds.shape[2]
+    keys = split_heads(to_k_ip(embeds.flatten(1, 2)))[rows].float()  # [B, H, n*T, D]
+    return query @ keys.transpose(-1, -2) * attn.scale, T
+
+
+@dataclass
 class AnyMSState:
     """What one generation call tells the processors of one UNet: set by the pipeline before each call.
 
@@ -270,56 +356,42 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        residual = hidden_states
         ip_hidden_states = None
         if isinstance(encoder_hidden_states, tuple):
             encoder_hidden_states, ip_hidden_states = encoder_hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-
-        input_ndim = hidden_states.ndim
-        spatial_hw = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            spatial_hw = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
+        p = attention_prelude(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         # global decoupling: the text stream ...
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        out = F.scaled_dot_product_attention(p.query, p.key, p.value, attn_mask=p.attention_mask, scale=attn.scale)
         # ... plus the image stream, each on its own softmax, added into the text stream's output
         if ip_hidden_states is not None and self.state.mode != "none":
-            out = self._add_image_term(out, attn, query, ip_hidden_states, spatial_hw)
+            out = self._add_image_term(out, attn, p.query, ip_hidden_states, p.spatial_hw)
+        return attention_epilogue(attn, out, p)
 
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    # --- what the attention-map recorder asks (anyms.core.attention_maps.RecordableProcessor) ---
+
+    def split_encoder_states(self, encoder_hidden_states):
+        return split_ip_adapter_states(encoder_hidden_states)
+
+    def subject_attention_weights(self, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
+        """``[n, B, H, L]``: each subject has its own softmax (sum 1 over its tokens), seen where the mode lets
+        the query see the subject (owned tokens for ``fused``/``crop_merge``, the box for ``masked_sum``,
+        everywhere for ``sum``); ``joint``: the subject's share of one softmax; ``none``: 0."""
+        n, (B, H, L, _) = len(layout), query.shape
+        mode = self.state.mode
+        if image_input is None or mode == "none":
+            return query.new_zeros(n, B, H, L)
+        logits, T = ip_adapter_logits(self.to_k_ip[0], attn, query, image_input, rows, split_heads)
+        if mode == "joint":
+            return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
+        per_subject = logits.unflatten(-1, (n, T)).softmax(-1).sum(-1).permute(3, 0, 1, 2)  # [n, B, H, L], ~1
+        if mode in ("fused", "crop_merge"):
+            owner = layout.owner_map(*grid).flatten().to(query.device)
+            sees = torch.stack([owner == j for j in range(n)])
+        elif mode == "masked_sum":
+            sees = layout.box_masks(*grid).flatten(1).to(query.device)
+        else:  # sum: every query sees every subject
+            sees = torch.ones(n, L, dtype=torch.bool, device=query.device)
+        return per_subject * sees[:, None, None, :]
 
     def _add_image_term(self, out, attn, query, ip_hidden_states, spatial_hw):
         state = self.state
@@ -380,6 +452,44 @@ class AnyMSAttnProcessor(IPAdapterAttnProcessor2_0):
         return grid_for(query_len, self.state.latent_hw)
 
 
+class StockIPAdapterProcessor(IPAdapterAttnProcessor2_0):
+    """diffusers' own ``IPAdapterAttnProcessor2_0``, computing exactly what it computes (its ``__call__``, on
+    the stock processor's modules), that also answers the attention-map recorder: without masks every
+    subject's tokens share one softmax; with ``cross_attention_kwargs["ip_adapter_masks"]`` each subject has
+    its own softmax times its mask, downsampled to the layer's grid by diffusers' ``IPAdapterMaskProcessor``."""
+
+    def __init__(self, stock: IPAdapterAttnProcessor2_0):
+        torch.nn.Module.__init__(self)
+        self.hidden_size, self.cross_attention_dim = stock.hidden_size, stock.cross_attention_dim
+        self.num_tokens, self.scale = stock.num_tokens, stock.scale
+        self.to_k_ip, self.to_v_ip = stock.to_k_ip, stock.to_v_ip
+        object.__setattr__(self, "stock", stock)  # kept for uninstall, not registered as a submodule
+        self._masks = None  # the masks of the current call, for the recorder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None):
+        self._masks = ip_adapter_masks
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, scale=scale,
+                                ip_adapter_masks=ip_adapter_masks)
+
+    def split_encoder_states(self, encoder_hidden_states):
+        return split_ip_adapter_states(encoder_hidden_states)
+
+    def subject_attention_weights(self, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
+        n, (B, H, L, _) = len(layout), query.shape
+        if image_input is None:
+            return query.new_zeros(n, B, H, L)
+        logits, T = ip_adapter_logits(self.to_k_ip[0], attn, query, image_input, rows, split_heads)
+        if self._masks is None:  # one joint softmax: each subject's share of it
+            return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
+        from diffusers.image_processor import IPAdapterMaskProcessor
+
+        masks = self._masks[0]  # [1, n, h, w]: one adapter
+        per_subject = logits.unflatten(-1, (n, T)).softmax(-1).sum(-1).permute(3, 0, 1, 2)  # [n, B, H, L]
+        seen = torch.stack([IPAdapterMaskProcessor.downsample(masks[:, j], 1, L, 1)[0, :, 0] for j in range(n)])
+        return per_subject * seen.to(per_subject)[:, None, None, :]
+
+
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same values (not just the same tensor object: a caller may refill a buffer in place)."""
     return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
@@ -403,7 +513,7 @@ def install(unet, mode: str = "fused", layout: Layout | None = None,
     state = AnyMSState(layout=layout, latent_hw=latent_hw, mode=mode, reuse_projected_tokens=reuse_projected_tokens)
     processors, swapped = {}, 0
     for name, proc in unet.attn_processors.items():
-        if isinstance(proc, AnyMSAttnProcessor):
+        if isinstance(proc, (AnyMSAttnProcessor, StockIPAdapterProcessor)):
             proc = proc.stock
         if isinstance(proc, IPAdapterAttnProcessor):
             raise ValueError(
@@ -422,7 +532,22 @@ def install(unet, mode: str = "fused", layout: Layout | None = None,
 def uninstall(unet) -> None:
     """Puts back the stock IP-Adapter processors (with the same, never copied, adapter weights)."""
     processors = {
-        name: (proc.stock if isinstance(proc, AnyMSAttnProcessor) else proc)
+        name: (proc.stock if isinstance(proc, (AnyMSAttnProcessor, StockIPAdapterProcessor)) else proc)
         for name, proc in unet.attn_processors.items()
     }
     unet.set_attn_processor(processors)
+
+
+def install_stock(unet) -> int:
+    """diffusers' own IP-Adapter processors (:class:`StockIPAdapterProcessor`) on every layer that has one;
+    returns how many."""
+    processors, swapped = {}, 0
+    for name, proc in unet.attn_processors.items():
+        if isinstance(proc, (AnyMSAttnProcessor, StockIPAdapterProcessor)):
+            proc = proc.stock
+        if isinstance(proc, IPAdapterAttnProcessor2_0) and not isinstance(proc, StockIPAdapterProcessor):
+            proc = StockIPAdapterProcessor(proc)
+            swapped += 1
+        processors[name] = proc
+    unet.set_attn_processor(processors)
+    return swapped

@@ -6,14 +6,12 @@ processor unchanged (so the image is byte-identical with or without recording) a
 grids and steps, computes from the same inputs, for the conditional branch of classifier-free guidance:
 
 - **image**: per subject j and query, the attention probability the query gives to subject j's tokens,
-  summed over those tokens and averaged over heads, in the image attention the method actually computes:
-  - AnyMS modes (``fused``, ``crop_merge``, ``masked_sum``, ``sum``): subject j has its own softmax, which
-    sums to 1 over its tokens; the query gets it only where the mode lets it see subject j (owned tokens
-    for the full method, the box for ``masked_sum``, everywhere for ``sum``), else 0; ``none``: 0;
-  - diffusers' stock IP-Adapter (``ip_adapter_joint``): subject j's share of the one softmax over all
-    subjects' tokens;
-  - MS-Diffusion: subject j's share of its masked softmax over the dummy and all subjects' tokens, 0 for
-    queries outside every box (where MS-Diffusion zeroes the image term);
+  summed over those tokens and averaged over heads, in the image attention the method actually computes,
+  as the processor itself reports it (:class:`RecordableProcessor`: the recorder asks, it never tests a
+  class). AnyMS modes give each subject its own softmax, seen where the mode lets the query see the subject;
+  diffusers' stock IP-Adapter gives subject j's share of one softmax (its own softmax times its soft mask
+  with ``ip_adapter_masks``); MS-Diffusion subject j's share of its masked softmax, 0 outside every box;
+  a processor that does not answer (GLIGEN's text cross-attention) gets a zero image map;
 - **text**: per subject, the text stream's probability on the tokens of the subject's phrase inside the
   prompt (found by tokenizing both), summed over those tokens and averaged over heads.
 
@@ -29,15 +27,20 @@ import math
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 
-from anyms.layout import Layout, grid_for, grid_levels
-from runfolder.attention_maps import grid_key
+from anyms.core.attention import attention_prelude
+from anyms.core.layout import Layout, grid_for, grid_levels
+
+def grid_key(h: int, w: int) -> str:
+    """A grid's name in the arrays (``runfolder.attention_maps.grid_key``, restated so that the core needs
+    diffusers alone; tests check the arrays with ``runfolder.attention_maps.check_attention_maps``)."""
+    return f"{int(h)}x{int(w)}"
+
 
 DEFAULT_LEVELS = (2, 4)  # the latent's 1/2 and 1/4: SDXL's two cross-attention resolutions
 
@@ -204,42 +207,33 @@ class RecordingProcessor(torch.nn.Module):
         object.__setattr__(self, "recorder", recorder)
         self.layer = layer
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 ip_adapter_masks=None):
+        extra = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
         out = self.inner(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
-                         attention_mask=attention_mask, temb=temb)
+                         attention_mask=attention_mask, temb=temb, **extra)
         with torch.no_grad():
             self._record(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         return out
 
     def _record(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb) -> None:
         rec = self.recorder
-        spatial_hw = tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4 else None
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        if hidden_states.ndim == 4:
-            b, c, h, w = hidden_states.shape
-            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-        grid = spatial_hw or grid_for(hidden_states.shape[1], rec.latent_hw)
+        grid = (tuple(hidden_states.shape[-2:]) if hidden_states.ndim == 4
+                else grid_for(hidden_states.shape[1], rec.latent_hw))
         if not rec.wants(grid):
             return
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         text, image_input = split_encoder_states(self.inner, encoder_hidden_states)
-        batch = hidden_states.shape[0]
+        p = attention_prelude(attn, hidden_states, text, attention_mask, temb)  # as the processors prepare it
         heads = attn.heads
 
         def split_heads(t):  # [B, len, H*D] -> [B, H, len, D]
             return t.view(t.shape[0], -1, heads, t.shape[-1] // heads).transpose(1, 2)
 
-        rows = rec.cond_rows(batch)
-        query = split_heads(attn.to_q(hidden_states))[rows].float()
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
-        text_keys = split_heads(attn.to_k(text))[rows].float()
-        logits = query @ text_keys.transpose(-1, -2) * attn.scale
-        if attention_mask is not None:
-            mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch)
-            logits = logits + mask.view(batch, heads, -1, mask.shape[-1])[rows].float()
+        rows = rec.cond_rows(p.batch_size)
+        query = p.query[rows].float()
+        logits = query @ p.key[rows].float().transpose(-1, -2) * attn.scale
+        if p.attention_mask is not None:
+            logits = logits + p.attention_mask[rows].float()
         text_probs = logits.softmax(-1)  # [B, H, L, text tokens]
         text_map = torch.stack([text_probs[..., pos].sum(-1) if pos else text_probs.new_zeros(text_probs.shape[:-1])
                                 for pos in rec.phrase_positions])  # [n, B, H, L]
@@ -247,63 +241,33 @@ class RecordingProcessor(torch.nn.Module):
         rec.add(self.layer, grid, image_map.mean(dim=(1, 2)), text_map.mean(dim=(1, 2)))
 
 
-def split_encoder_states(processor, encoder_hidden_states):
-    """``(text tokens, image input)`` as the processor receives them: diffusers' IP-Adapter processors get
-    ``(text, [image embeddings])``; MS-Diffusion's get the text followed by its image tokens."""
-    from anyms.ms_diffusion import MSDiffusionAttnProcessor
+class RecordableProcessor(Protocol):
+    """What a cross-attention processor answers to be recorded (the recorder never tests a class; a processor
+    without these methods is recorded with its text stream only and a zero image map)."""
 
-    if isinstance(processor, MSDiffusionAttnProcessor):
-        n_image = processor.state.num_image_tokens
-        return encoder_hidden_states[:, :-n_image], encoder_hidden_states[:, -n_image:]
+    def split_encoder_states(self, encoder_hidden_states) -> tuple:
+        """``(text tokens, image input)`` from what the processor receives as ``encoder_hidden_states``."""
+
+    def subject_attention_weights(self, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
+        """``[n, B, H, L]``: per subject, the probability each query (``query [B, H, L, D]`` in fp32, the batch rows
+        ``rows`` only) gives the subject's tokens in the image attention this processor computes."""
+
+
+def split_encoder_states(processor, encoder_hidden_states):
+    """``(text tokens, image input)`` as the processor receives them, asked of the processor."""
+    split = getattr(processor, "split_encoder_states", None)
+    if split is not None:
+        return split(encoder_hidden_states)
     if isinstance(encoder_hidden_states, tuple):
-        text, images = encoder_hidden_states
-        return text, images
+        return encoder_hidden_states[0], None
     return encoder_hidden_states, None
 
 
 def subject_image_weights(processor, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
     """``[n, B, H, L]``: per subject, the probability each query gives its tokens in the image attention
-    ``processor`` computes (see the module's docstring), for the batch rows ``rows``."""
-    from anyms.attention import AnyMSAttnProcessor
-    from anyms.ms_diffusion import MSDiffusionAttnProcessor, ms_attention_bias
-
-    n = len(layout)
-    B, H, L, _ = query.shape
-    zeros = query.new_zeros(n, B, H, L)
-    if image_input is None:
-        return zeros
-    if isinstance(processor, MSDiffusionAttnProcessor):
-        state = processor.state
-        keys = split_heads(processor.to_k_ip(image_input))[rows].float()
-        grounded = list(state.grounded) if state.grounded is not None else [True] * image_input.shape[0]
-        grounded_rows = torch.tensor(grounded, dtype=torch.bool, device=query.device)[rows]
-        masks = layout.box_masks(*grid).flatten(1).to(query.device)[None] & grounded_rows[:, None, None]
-        bias, inside = ms_attention_bias(masks, state.num_tokens, state.num_dummy_tokens)
-        probs = (query @ keys.transpose(-1, -2) * attn.scale + bias[:, None]).softmax(-1)
-        probs = probs * inside[:, None, :, None]  # MS-Diffusion zeroes the image term outside every box
-        subjects = probs[..., state.num_dummy_tokens:].unflatten(-1, (n, state.num_tokens)).sum(-1)  # [B, H, L, n]
-        return subjects.permute(3, 0, 1, 2)
-    if not isinstance(processor, IPAdapterAttnProcessor2_0):
-        return zeros
-    embeds = image_input[0]
-    if embeds.ndim == 3:
-        embeds = embeds[:, None]
-    T = embeds.shape[2]
-    keys = split_heads(processor.to_k_ip[0](embeds.flatten(1, 2)))[rows].float()  # [B, H, n*T, D]
-    logits = query @ keys.transpose(-1, -2) * attn.scale
-    if not isinstance(processor, AnyMSAttnProcessor):  # diffusers' stock processor: one joint softmax
-        return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
-    mode = processor.state.mode
-    if mode == "none":
-        return zeros
-    if mode == "joint":
-        return logits.softmax(-1).unflatten(-1, (n, T)).sum(-1).permute(3, 0, 1, 2)
-    per_subject = logits.unflatten(-1, (n, T)).softmax(-1).sum(-1).permute(3, 0, 1, 2)  # [n, B, H, L], ~1
-    if mode in ("fused", "crop_merge"):
-        owner = layout.owner_map(*grid).flatten().to(query.device)
-        sees = torch.stack([owner == j for j in range(n)])
-    elif mode == "masked_sum":
-        sees = layout.box_masks(*grid).flatten(1).to(query.device)
-    else:  # sum: every query sees every subject
-        sees = torch.ones(n, L, dtype=torch.bool, device=query.device)
-    return per_subject * sees[:, None, None, :]
+    ``processor`` computes (see the module's docstring), for the batch rows ``rows``; asked of the processor."""
+    weights = getattr(processor, "subject_attention_weights", None)
+    if image_input is None or weights is None:
+        B, H, L, _ = query.shape
+        return query.new_zeros(len(layout), B, H, L)
+    return weights(attn, query, image_input, layout, grid, rows, split_heads)

@@ -8,7 +8,6 @@ the same config hash, writes PNGs atomically and one record line per image, spli
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +17,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 import runfolder
-from anyms.attention_maps import AttentionMapSettings
+from anyms.core.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
-from anyms.pipeline import GenerationSettings, ModelLoadError
+from anyms.methods.base import GenerationConfigError, GenerationSettings, ModelLoadError, check_local_paths
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
 from runfolder.lock import writer_lock
@@ -42,24 +41,13 @@ class GenerationSummary:
     seconds: float = 0.0
 
 
-def method_pipeline(method_cfg: DictConfig | None) -> str:
-    """What the method loads on top of the base model: ``anyms`` (the IP-Adapter) unless the method config
-    says ``pipeline: ms_diffusion``."""
-    return str(method_cfg.get("pipeline") or "anyms") if method_cfg is not None else "anyms"
-
-
-class GenerationConfigError(ValueError):
-    """A generation setting that cannot run; the one-line message names the field and the fix. Raised before
-    any model loads."""
-
-
 def runtime_identity(model_cfg: DictConfig) -> dict:
     """What of the machine decides the bytes, resolved: the device type, the dtype (``auto`` is fp16 on CUDA
     and fp32 elsewhere, so it is hashed as what it becomes) and, on the CPU, the number of torch threads
     (CPU kernels split reductions by thread: 1 vs 2 threads change pixels)."""
     import torch
 
-    from anyms.models import resolve_device, resolve_dtype
+    from anyms.methods.loading import resolve_device, resolve_dtype
 
     try:
         device = resolve_device(str(model_cfg.get("device") or "auto"))
@@ -76,23 +64,67 @@ def runtime_identity(model_cfg: DictConfig) -> dict:
     return out
 
 
-def model_identity(model_cfg: DictConfig, method_cfg: DictConfig | None = None) -> dict:
-    """What of the model config determines the images: ids and settings, not where a cache lives; of the
-    adapters (``ip_adapter``, ``ms_diffusion``) only the one the method uses; device type, dtype and threads
-    as they resolve on this machine (:func:`runtime_identity`)."""
-    unused = "ip_adapter" if method_pipeline(method_cfg) == "ms_diffusion" else "ms_diffusion"
-    identity = runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads", unused))
+def method_class(method_cfg: DictConfig):
+    """The class ``method._target_`` names (:mod:`anyms.methods.base` describes what it answers)."""
+    from hydra.utils import get_class
+
+    target = method_cfg.get("_target_") if method_cfg is not None else None
+    if not target:
+        raise GenerationConfigError(f"method {method_cfg.get('name') if method_cfg is not None else None!r}: no _target_; a "
+                                    "method config names its class (conf/method/<name>.yaml, see anyms/methods/base.py)")
+    try:
+        return get_class(str(target))
+    except Exception as err:  # noqa: BLE001 - Hydra wraps import errors in several types
+        raise GenerationConfigError(f"method._target_: cannot import {target}: {err}") from None
+
+
+def _hashable(node: DictConfig, model_cfg: DictConfig | None) -> dict:
+    """A config node as plain data for hashing, resolved against the run's config with a tiny model's
+    ``tiny_root`` replaced by a placeholder first (tiny models are fully determined by the code that writes them,
+    wherever they live; a method's weight table may point into ``${model.tiny_root}``)."""
+    root = node._get_root()
+    raw = OmegaConf.to_container(root, resolve=False) if root is not node else {}
+    raw.pop("hydra", None)
+    if model_cfg is not None:
+        raw["model"] = OmegaConf.to_container(model_cfg, resolve=False)
+    raw["_node_"] = OmegaConf.to_container(node, resolve=False)
+    if (raw.get("model") or {}).get("tiny"):
+        raw["model"]["tiny_root"] = "<tiny_root>"
+    return OmegaConf.to_container(OmegaConf.create(raw)["_node_"], resolve=True)
+
+
+def base_model_identity(model_cfg: DictConfig) -> dict:
+    """What of the base model config determines the images: ids and settings, not where a cache lives; device
+    type, dtype and threads as they resolve on this machine (:func:`runtime_identity`)."""
+    identity = runfolder.config_identity(model_cfg, drop=("device", "_target_", "torch_threads"))
     identity.update(runtime_identity(model_cfg))
     return identity
 
 
-def image_config_hash(cfg: DictConfig, combo: Combination, seed: int, model_ids: dict | None = None) -> str:
-    """Hash of everything that decides one image: model (resolved dtype, device type, threads), method,
-    generation settings, the combination's definition, the adapter's reference image content, the seed.
-    Not run_dir, hydra.* or shard."""
+def identities(model_cfg: DictConfig, method_cfg: DictConfig | None) -> tuple[dict, dict | None]:
+    """``(model_ids, method_ids)``: what decides the images, as the method says (its ``identity``: it drops what
+    it does not load, adds its own weights, or names its own base model)."""
+    model_ids = base_model_identity(model_cfg)
+    if method_cfg is None:
+        return model_ids, None
+    return method_class(method_cfg).identity(_hashable(method_cfg, model_cfg), model_ids)
+
+
+def model_identity(model_cfg: DictConfig, method_cfg: DictConfig | None = None) -> dict:
+    """The model part of :func:`identities`."""
+    return identities(model_cfg, method_cfg)[0]
+
+
+def image_config_hash(cfg: DictConfig, combo: Combination, seed: int, model_ids: dict | None = None,
+                      method_ids: dict | None = None) -> str:
+    """Hash of everything that decides one image: model (resolved dtype, device type, threads) and method as
+    the method says (:func:`identities`), generation settings, the combination's definition, the adapter's
+    reference image content, the seed. Not run_dir, hydra.* or shard."""
+    if model_ids is None or method_ids is None:
+        model_ids, method_ids = identities(cfg.model, cfg.method)
     return runfolder.config_hash({
-        "model": model_ids if model_ids is not None else model_identity(cfg.model, cfg.method),
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "model": model_ids,
+        "method": method_ids,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "combination": combo.definition,
         "references": [file_digest(s.image) for s in combo.layout],
@@ -132,34 +164,22 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
     negative = g.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise GenerationConfigError(f"generation.negative_prompt: expected a string, got {negative!r}")
-    scale = _number(m, "adapter_scale", float, "method")
+    scale = _number(m, "adapter_scale", float, "method", optional=True)  # methods without an adapter: none
+    scale = 1.0 if scale is None else scale
     full = _number(m, "full_frame_adapter_scale", float, "method", optional=True)
     return GenerationSettings(steps=steps, guidance_scale=guidance, negative_prompt=str(negative or ""),
                               adapter_scale=scale, full_frame_adapter_scale=full, **sides)
 
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
-
-
 def check_model_paths(model_cfg: DictConfig, method_cfg: DictConfig | None) -> None:
-    """Local paths of the model config must exist (hub ids are left to the loader, which names how to get them).
-    Tiny models are written by the loader itself, so their folders may not exist yet."""
-    if model_cfg.get("tiny"):
-        return
-    adapter = "ms_diffusion" if method_pipeline(method_cfg) == "ms_diffusion" else "ip_adapter"
-    fields = {"pretrained": model_cfg.get("pretrained")}
-    section = model_cfg.get(adapter) or {}
-    for key in (("repo", "image_encoder") if adapter == "ms_diffusion" else ("repo",)):
-        fields[f"{adapter}.{key}"] = section.get(key)
-    for key, value in fields.items():
-        if value is None:
-            continue
-        value = str(value)
-        local = value.startswith(("/", ".", "~")) or not HUB_ID.fullmatch(value)
-        if local and not Path(value).expanduser().exists():
-            raise GenerationConfigError(
-                f"model.{key}: {value} does not exist; point it at the local folder that holds the weights, or give "
-                "a hub id (owner/name)")
+    """Local paths must exist (hub ids are left to the loader, which names how to get them): the base model's
+    here, the method's weights by the method's own ``check`` (which also refuses a base model it has no weights
+    for). Tiny models are written by the loader itself, so their folders may not exist yet."""
+    if not model_cfg.get("tiny"):
+        check_local_paths({"model.pretrained": model_cfg.get("pretrained")})
+    if method_cfg is not None:
+        method_class(method_cfg).check(OmegaConf.to_container(method_cfg, resolve=True),
+                                       OmegaConf.to_container(model_cfg, resolve=True))
 
 
 def attention_map_settings(cfg: DictConfig) -> AttentionMapSettings | None:
@@ -177,17 +197,17 @@ def attention_map_settings(cfg: DictConfig) -> AttentionMapSettings | None:
     return record
 
 
-def load_model(model_cfg: DictConfig, method_cfg: DictConfig | None = None):
-    """``hydra.utils.instantiate`` of the model config, with our own load errors unwrapped from Hydra's.
-    A method with its own weights (``pipeline: ms_diffusion``) has them loaded instead of the IP-Adapter."""
+def load_model(model_cfg: DictConfig, method_cfg: DictConfig):
+    """The method, built by ``hydra.utils.instantiate`` of its config with the base model's (resolved) config as
+    ``model``; our own load errors unwrapped from Hydra's."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    extra = {"pipeline": method_pipeline(method_cfg)} if method_pipeline(method_cfg) != "anyms" else {}
+    method_class(method_cfg)  # a clear message for a missing or wrong _target_
     try:
-        return instantiate(model_cfg, _convert_="all", **extra)
+        return instantiate(method_cfg, model=OmegaConf.to_container(model_cfg, resolve=True), _convert_="all")
     except InstantiationException as err:
-        if isinstance(err.__cause__, ModelLoadError):
+        if isinstance(err.__cause__, (ModelLoadError, GenerationConfigError)):
             raise err.__cause__ from None
         raise
 
@@ -204,8 +224,8 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
         run_dir = runfolder.checked_run_dir(cfg.run_dir)
     except runfolder.RunFolderError as err:
         raise GenerationConfigError(str(err)) from None
-    check_model_paths(cfg.model, cfg.method)
-    model_ids = model_identity(cfg.model, cfg.method)
+    check_model_paths(cfg.model, cfg.method)  # and the method's weights for this base model
+    model_ids, method_ids = identities(cfg.model, cfg.method)
     work = [(c, s) for c in combos for s in seeds]
     work = work[shard[0] :: shard[1]]
     # every reference of the shard's combinations (the adapter's and the evaluator's), decoded and checked once
@@ -213,7 +233,7 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
 
     # one writer per (run folder, method, shard): a second one stops here, naming the first
     with writer_lock(run_dir, "generate", f"{method}.{shard[0]}-of-{shard[1]}"):
-        return _generate(cfg, run_dir, method, shard, work, seeds, settings, record, model_ids)
+        return _generate(cfg, run_dir, method, shard, work, seeds, settings, record, (model_ids, method_ids))
 
 
 def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, record, model_ids) -> GenerationSummary:
@@ -235,7 +255,7 @@ def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, rec
     todo = []
     for combo, seed in work:
         rel = runfolder.image_path(method, combo.id, seed)
-        h = image_config_hash(cfg, combo, seed, model_ids)
+        h = image_config_hash(cfg, combo, seed, *model_ids)
         if finished(rel, h):
             summary.skipped += 1
         else:
@@ -254,7 +274,8 @@ def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, rec
     return summary
 
 
-def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, record, model_ids, summary) -> None:
+def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, record, ids, summary) -> None:
+    model_ids, method_ids = ids
     pipeline = load_model(cfg.model, cfg.method)
     records = runfolder.records_file(run_dir, method, shard)
     prov = runfolder.provenance()
@@ -262,8 +283,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
     for n, (combo, seed, rel, h) in enumerate(bar):
         bar.set_postfix_str(f"{combo.id} seed {seed}")
-        result = pipeline(combo.prompt, combo.layout, seed, settings, attention=str(cfg.method.attention),
-                          record=record)
+        result = pipeline(combo.prompt, combo.layout, seed, settings, record=record)
         runfolder.save_png(result.image, run_dir / rel)
         maps = {"image_sha256": file_digest(run_dir / rel)}
         if result.attention_maps is not None:
@@ -280,7 +300,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
             ],
             "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
             # what decides the images besides the model: the report splits or refuses rows that differ here
-            "settings": {"method": OmegaConf.to_container(cfg.method, resolve=True),
+            "settings": {"method": method_ids,
                          "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
             "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
             "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,

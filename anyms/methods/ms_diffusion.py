@@ -17,8 +17,8 @@ What it computes at inference:
 - the unconditional branch of classifier-free guidance gets zero image tokens and no boxes (zero boxes in
   the official code: no query is inside any box, so its image term is zero).
 
-Box edges on a token grid follow :meth:`anyms.layout.Layout.box_masks` (floor start, ceil end), the rule
-MS-Diffusion's code uses too; a layer's grid comes from :func:`anyms.layout.grid_for`.
+Box edges on a token grid follow :meth:`anyms.core.layout.Layout.box_masks` (floor start, ceil end), the rule
+MS-Diffusion's code uses too; a layer's grid comes from :func:`anyms.core.layout.grid_for`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anyms.layout import Layout, Subject, grid_for
-from anyms.pipeline import BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, frozen, peak_memory_bytes
+from anyms.core.attention import attention_epilogue, attention_prelude
+from anyms.core.layout import Layout, Subject, grid_for
+from anyms.methods.base import (BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, check_local_paths, frozen,
+                                peak_memory_bytes, weights_for)
 from runfolder.references import load_reference
 
 METHOD = "ms_diffusion"
@@ -263,44 +265,32 @@ class MSDiffusionAttnProcessor(nn.Module):
             raise ValueError(f"encoder_hidden_states has {encoder_hidden_states.shape[1]} tokens; expected the text "
                              f"tokens followed by {n_image} image tokens")
         text, image = encoder_hidden_states[:, :-n_image], encoder_hidden_states[:, -n_image:]
+        p = attention_prelude(attn, hidden_states, text, attention_mask, temb)
+        out = F.scaled_dot_product_attention(p.query, p.key, p.value, attn_mask=p.attention_mask, scale=attn.scale)
+        out = out + self._image_term(p.query, p.heads(self.to_k_ip(image), attn.heads),
+                                     p.heads(self.to_v_ip(image), attn.heads), p.spatial_hw, attn.scale)
+        return attention_epilogue(attn, out, p)
 
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        spatial_hw = None
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            spatial_hw = (height, width)
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size = text.shape[0]
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, text.shape[1], batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    # --- what the attention-map recorder asks (anyms.core.attention_maps.RecordableProcessor) ---
 
-        query = attn.to_q(hidden_states)
-        if attn.norm_cross:
-            text = attn.norm_encoder_hidden_states(text)
-        key, value = attn.to_k(text), attn.to_v(text)
-        head_dim = key.shape[-1] // attn.heads
+    def split_encoder_states(self, encoder_hidden_states):
+        """The text tokens, then this call's image tokens (dummy and the subjects')."""
+        n_image = self.state.num_image_tokens
+        return encoder_hidden_states[:, :-n_image], encoder_hidden_states[:, -n_image:]
 
-        def heads(t):
-            return t.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-
-        query = heads(query)
-        out = F.scaled_dot_product_attention(query, heads(key), heads(value), attn_mask=attention_mask, scale=attn.scale)
-        out = out + self._image_term(query, heads(self.to_k_ip(image)), heads(self.to_v_ip(image)), spatial_hw, attn.scale)
-
-        hidden_states = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def subject_attention_weights(self, attn, query, image_input, layout: Layout, grid, rows, split_heads) -> torch.Tensor:
+        """``[n, B, H, L]``: subject j's share of the masked softmax over the dummy and all subjects' tokens,
+        0 for queries outside every box (where MS-Diffusion zeroes the image term)."""
+        state, n = self.state, len(layout)
+        keys = split_heads(self.to_k_ip(image_input))[rows].float()
+        grounded = list(state.grounded) if state.grounded is not None else [True] * image_input.shape[0]
+        grounded_rows = torch.tensor(grounded, dtype=torch.bool, device=query.device)[rows]
+        masks = layout.box_masks(*grid).flatten(1).to(query.device)[None] & grounded_rows[:, None, None]
+        bias, inside = ms_attention_bias(masks, state.num_tokens, state.num_dummy_tokens)
+        probs = (query @ keys.transpose(-1, -2) * attn.scale + bias[:, None]).softmax(-1)
+        probs = probs * inside[:, None, :, None]
+        subjects = probs[..., state.num_dummy_tokens:].unflatten(-1, (n, state.num_tokens)).sum(-1)  # [B, H, L, n]
+        return subjects.permute(3, 0, 1, 2)
 
     def _image_term(self, query, k_ip, v_ip, spatial_hw, softmax_scale):
         state = self.state
@@ -319,7 +309,7 @@ class MSDiffusionAttnProcessor(nn.Module):
                state.num_tokens, state.num_dummy_tokens)
 
         def build():  # once per call, grid and device: no host-to-device copy per layer and step
-            with torch.inference_mode(False):  # cached beyond this call's mode, like anyms.attention's groups
+            with torch.inference_mode(False):  # cached beyond this call's mode, like anyms.core.attention's groups
                 masks = state.layout.box_masks(h, w).flatten(1)  # [n, L], the layout's grid rule
                 rows = torch.tensor(grounded, dtype=torch.bool)
                 box_masks = masks[None] & rows[:, None, None]  # [B, n, L]: no boxes in the unconditional rows
@@ -402,7 +392,7 @@ class MSDiffusionAdapter(nn.Module):
 def resolve_checkpoint(repo: str, weight_name: str = WEIGHT_NAME, subfolder: str | None = None, name: str = "?") -> Path:
     """The checkpoint file from a local folder (or file) or a hub id (``hf_hub_download``, which respects the
     cache and ``HF_HUB_OFFLINE``); a missing one raises :class:`ModelLoadError` naming it and how to get it."""
-    from anyms.models import _how_to_get
+    from anyms.methods.loading import how_to_get
 
     rel = f"{subfolder}/{weight_name}" if subfolder else weight_name
     local = Path(repo)
@@ -413,7 +403,7 @@ def resolve_checkpoint(repo: str, weight_name: str = WEIGHT_NAME, subfolder: str
         if path.is_file():
             return path
         raise ModelLoadError(f"model {name!r}: no MS-Diffusion checkpoint {rel!r} in {repo!r}; "
-                             f"{_how_to_get('ms_diffusion.repo', repo)} (the official one is {HUB_REPO}/{WEIGHT_NAME})")
+                             f"{how_to_get(f'method.weights.{name}.repo', repo)} (the official one is {HUB_REPO}/{WEIGHT_NAME})")
     from huggingface_hub import hf_hub_download
 
     try:
@@ -421,7 +411,7 @@ def resolve_checkpoint(repo: str, weight_name: str = WEIGHT_NAME, subfolder: str
     except Exception as err:  # offline, not cached, no such repo or file: one message, no hub stack trace
         raise ModelLoadError(
             f"model {name!r}: cannot get the MS-Diffusion checkpoint {rel!r} of {repo!r}; "
-            f"{_how_to_get('ms_diffusion.repo', repo).replace(f'download {repo}', f'download {repo} {rel}')}. "
+            f"{how_to_get(f'method.weights.{name}.repo', repo).replace(f'download {repo}', f'download {repo} {rel}')}. "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         ) from None
 
@@ -440,7 +430,7 @@ def load_image_encoder(repo: str, subfolder: str | None = None, torch_dtype: tor
     from transformers import CLIPVisionModelWithProjection
     from transformers.utils import logging as hf_logging
 
-    from anyms.models import _how_to_get
+    from anyms.methods.loading import how_to_get
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the text tower's weights are expected to be left out: no report of them
@@ -448,7 +438,7 @@ def load_image_encoder(repo: str, subfolder: str | None = None, torch_dtype: tor
         encoder, info = CLIPVisionModelWithProjection.from_pretrained(
             repo, subfolder=subfolder or "", dtype=torch_dtype, output_loading_info=True)
     except (OSError, ValueError) as err:
-        how = _how_to_get("ms_diffusion.image_encoder", repo)  # only the files from_pretrained reads, not the whole repo
+        how = how_to_get(f"method.weights.{name}.image_encoder", repo)  # only the files from_pretrained reads, not the whole repo
         how = how.replace(f"download {repo}", f"download {repo} config.json model.safetensors")
         raise ModelLoadError(f"model {name!r}: cannot load MS-Diffusion's image encoder {repo!r}; {how}. "
                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
@@ -496,14 +486,15 @@ def build_adapter(pipe, image_encoder, checkpoint: Mapping | None = None, resamp
 def load_ms_diffusion_pipeline(pipe, name: str, default_size: int, repo: str = HUB_REPO, weight_name: str = WEIGHT_NAME,
                                subfolder: str | None = None, image_encoder: str = IMAGE_ENCODER,
                                image_encoder_subfolder: str | None = None, resampler: Mapping | None = None,
-                               num_dummy_tokens: int = 4, reference_size: int = 512) -> "MSDiffusionPipeline":
-    """``pipe`` (a loaded SD/SDXL pipeline, no IP-Adapter) plus MS-Diffusion from the config ``model.ms_diffusion``."""
+                               num_dummy_tokens: int = 4, reference_size: int = 512, cls=None) -> "MSDiffusionPipeline":
+    """``pipe`` (a loaded SD/SDXL pipeline, no IP-Adapter) plus MS-Diffusion from the method config's ``weights.<model>``."""
+    cls = cls or MSDiffusionPipeline
     path = resolve_checkpoint(repo, weight_name, subfolder, name)
     checkpoint = read_checkpoint(path)
     encoder = load_image_encoder(image_encoder, image_encoder_subfolder, pipe.unet.dtype, name)
     adapter = build_adapter(pipe, encoder, checkpoint, resampler, num_dummy_tokens, where=f"model {name!r}: {path}")
     adapter_id = f"{repo}/{subfolder or ''}/{weight_name}+{image_encoder}"
-    return MSDiffusionPipeline(pipe, adapter, encoder.to(pipe.unet.device), adapter_id, default_size, reference_size)
+    return cls(pipe, adapter, encoder.to(pipe.unet.device), adapter_id, default_size, reference_size)
 
 
 # --- the pipeline --------------------------------------------------------------------------------------------
@@ -530,7 +521,7 @@ def subject_weights(layout: Layout, settings: GenerationSettings) -> list[float]
 
 class MSDiffusionPipeline(BasePipeline):
     """A diffusers SD/SDXL pipeline with MS-Diffusion: same call, seeds and records as
-    :class:`anyms.pipeline.AnyMSPipeline`, ``attention="ms_diffusion"``."""
+    :class:`anyms.methods.base.AnyMSPipeline`, ``attention="ms_diffusion"``."""
 
     def __init__(self, pipe, adapter: MSDiffusionAdapter, image_encoder, adapter_id: str, default_size: int,
                  reference_size: int = 512):
@@ -596,8 +587,9 @@ class MSDiffusionPipeline(BasePipeline):
     # --- one image ---
 
     def __call__(self, prompt: str, layout: Layout, seed: int, settings: GenerationSettings,
-                 attention: str = METHOD, record=None) -> GenerationResult:
+                 attention: str | None = None, record=None) -> GenerationResult:
         """One image; the initial noise comes from a CPU generator seeded with ``seed``, as for every method."""
+        attention = attention or METHOD
         if attention != METHOD:
             raise ValueError(f"the MS-Diffusion pipeline runs attention={METHOD!r} only, got {attention!r}")
         height = settings.height or self.default_size
@@ -631,3 +623,139 @@ class MSDiffusionPipeline(BasePipeline):
         seconds = self._elapsed(start)
         return GenerationResult(out.images[0], seconds, peak_memory_bytes(self.device), latent_hw,
                                 recorder.result() if recorder is not None else None)
+
+
+# --- the method (conf/method/ms_diffusion.yaml) ---------------------------------------------------------------
+
+class MSDiffusion(MSDiffusionPipeline):
+    """``method=ms_diffusion``: the base model (no IP-Adapter) plus MS-Diffusion's checkpoint and image encoder from
+    ``method.weights.<model name>`` (``repo``, ``subfolder``, ``weight_name``, ``image_encoder``,
+    ``image_encoder_subfolder``, ``resampler`` sizes, ``num_dummy_tokens``, ``reference_size``). The released
+    weights are for SDXL only; the tiny models get random ones in the released layout (:func:`write_tiny`)."""
+
+    WEIGHTS = "MS-Diffusion"
+
+    def __init__(self, model: Mapping, name: str = METHOD, weights: Mapping | None = None, **settings):
+        from anyms.methods.loading import load_base
+
+        method = {"name": name, "weights": weights}
+        self.check(method, model)
+        entry = weights_for(method, model, self.WEIGHTS)
+        if model.get("tiny"):
+            write_tiny(model["tiny_root"])
+        pipe, device = load_base(model)
+        pipe.to(device)
+        load_ms_diffusion_pipeline(pipe, name=model["name"], default_size=int(model["size"]), cls=self._init, **entry)
+
+    def _init(self, *args) -> "MSDiffusion":
+        MSDiffusionPipeline.__init__(self, *args)
+        return self
+
+    @classmethod
+    def check(cls, method: Mapping, model: Mapping) -> None:
+        entry = weights_for(method, model, cls.WEIGHTS)
+        if not model.get("tiny"):
+            check_local_paths({f"method.weights.{model['name']}.{k}": entry.get(k) for k in ("repo", "image_encoder")})
+
+    @classmethod
+    def identity(cls, method: Mapping, model_ids: Mapping) -> tuple[dict, dict]:
+        """The base model without the IP-Adapter it does not load, with MS-Diffusion's weights for it (as
+        ``ms_diffusion``); the method's settings without the weight table: the shape of its identity before issue 17."""
+        model = {k: v for k, v in model_ids.items() if k != "ip_adapter"}
+        model["ms_diffusion"] = (method.get("weights") or {}).get(model_ids["name"])
+        # "pipeline" and "attention" were keys of its config before issue 17: kept, so that existing run folders
+        # keep their config hashes (the images are byte-identical) and are not made again
+        settings = {"pipeline": METHOD, "attention": METHOD}
+        settings.update((k, v) for k, v in method.items() if k not in ("_target_", "weights"))
+        return model, settings
+
+
+# --- tiny random weights in the released checkpoint's layout (model=tiny, model=tiny_sd15) -----------------
+
+# the tiny resampler (conf/model/tiny.yaml and tiny_sd15.yaml give the same sizes to the loader)
+MS_DIFFUSION_RESAMPLER = dict(dim=64, depth=4, dim_head=64, heads=1, num_queries=16, ff_mult=4, fourier_freqs=8)
+BIGG_DIR, MS_DIFFUSION_DIR = "CLIP-ViT-bigG-14", "MS-Diffusion"
+MS_DIFFUSION_FILES = {"sdxl": "ms_adapter.bin", "sd15": "sd15/ms_adapter.bin"}  # as doge1516/MS-Diffusion; sd15: ours
+
+
+def tiny_bigg_clip(seed: int = 0):
+    """A tiny ``CLIPModel`` standing in for laion/CLIP-ViT-bigG-14-laion2B-39B-b160k, which is a whole CLIP
+    model (text and vision towers): MS-Diffusion loads its vision tower with projection. The vision tower is
+    48 wide, so the resampler's input width differs from the ViT-H-like encoder's and from its own."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from anyms.tiny import IMAGE_ENCODER_SIZE, _text_config
+
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(
+        text_config=_text_config().to_dict(), projection_dim=32,
+        vision_config=dict(hidden_size=48, projection_dim=32, intermediate_size=64, num_attention_heads=4,
+                           num_hidden_layers=2, image_size=IMAGE_ENCODER_SIZE, patch_size=8),
+    ))
+
+
+def tiny_bigg_image_encoder(seed: int = 0):
+    """The vision tower of :func:`tiny_bigg_clip` as a ``CLIPVisionModelWithProjection`` (what the loader makes of it)."""
+    from transformers import CLIPVisionModelWithProjection
+
+    clip = tiny_bigg_clip(seed)
+    encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
+    encoder.load_state_dict({k: v for k, v in clip.state_dict().items()
+                             if k.startswith(("vision_model.", "visual_projection."))}, strict=True)
+    return encoder
+
+
+def random_ms_diffusion_state_dict(unet, text_encoder, image_encoder, seed: int = 0, resampler: dict | None = None,
+                                   num_dummy_tokens: int = 4) -> dict:
+    """Random MS-Diffusion weights in the layout of the released ``ms_adapter.bin``:
+    ``{"image_proj": <resampler>, "ms_adapter": {"1.to_k_ip.weight", "1.to_v_ip.weight", "3....": ...},
+    "dummy_image_tokens": [1, 4, cross_attention_dim]}``. ``text_encoder`` and ``image_encoder`` may be models
+    or their configs (only sizes are read); the UNet's global RNG state is left alone."""
+    text_cfg, image_cfg = getattr(text_encoder, "config", text_encoder), getattr(image_encoder, "config", image_encoder)
+    sizes = {**RESAMPLER_DEFAULTS, **(MS_DIFFUSION_RESAMPLER if resampler is None else resampler)}
+    cross_dim = unet.config.cross_attention_dim
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        proj = GroundingResampler(embedding_dim=image_cfg.hidden_size, output_dim=cross_dim,
+                                  phrase_dim=text_cfg.projection_dim, **sizes)
+    g = torch.Generator().manual_seed(seed + 1)
+    layers = {}
+    for index, name in adapter_layers(unet):
+        attn = unet.get_submodule(name[: -len(".processor")])
+        inner, ca_dim = attn.to_k.out_features, attn.to_k.in_features
+        layers[f"{index}.to_k_ip.weight"] = torch.randn(inner, ca_dim, generator=g) * ca_dim**-0.5
+        layers[f"{index}.to_v_ip.weight"] = torch.randn(inner, ca_dim, generator=g) * ca_dim**-0.5
+    return {"image_proj": {k: v.detach().clone() for k, v in proj.state_dict().items()}, "ms_adapter": layers,
+            "dummy_image_tokens": torch.randn(1, num_dummy_tokens, cross_dim, generator=g)}
+
+
+def write_tiny(root: str | Path, seed: int = 0) -> Path:
+    """Writes, once each and beside the tiny hub (:func:`write_tiny_hub`, written first if missing, never
+    changed): ``root/CLIP-ViT-bigG-14`` (a tiny bigG-like CLIP model, as laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)
+    and ``root/MS-Diffusion`` (as doge1516/MS-Diffusion: ``ms_adapter.bin`` for the tiny SDXL-like model, and
+    ``sd15/ms_adapter.bin`` for the tiny SD1.5-like one, which has no released counterpart). Returns ``root``."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPConfig, CLIPTextConfig
+
+    from anyms.tiny import write_tiny_hub
+    from runfolder import write_folder_once
+
+    root = Path(write_tiny_hub(root, seed))
+    write_folder_once(root / BIGG_DIR, lambda tmp: tiny_bigg_clip(seed + 5).save_pretrained(tmp),
+                      "tiny random bigG-like CLIP model written by anyms.tiny.write_tiny_ms_diffusion")
+
+    def write(tmp: Path) -> None:
+        image_cfg = CLIPConfig.from_pretrained(root / BIGG_DIR).vision_config
+        for i, (kind, rel) in enumerate(MS_DIFFUSION_FILES.items()):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / kind / "unet"))
+            text_cfg = CLIPTextConfig.from_pretrained(root / kind / "text_encoder")
+            sd = random_ms_diffusion_state_dict(unet, text_cfg, image_cfg, seed=seed + 10 * (i + 1))
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            torch.save(sd, tmp / rel)
+
+    write_folder_once(root / MS_DIFFUSION_DIR, write,
+                      "tiny random MS-Diffusion weights written by anyms.tiny.write_tiny_ms_diffusion")
+    return root
+
+
+write_tiny_ms_diffusion = write_tiny  # its name in anyms.tiny before issue 17

@@ -4,9 +4,9 @@ code paths on a CPU with no model hub.
 Each model is built from a config with a fixed seed, and :func:`write_tiny_hub` saves it in the same
 layout as the real hub repositories (a diffusers pipeline folder; an ``h94/IP-Adapter``-like folder with
 ``models/image_encoder`` and the adapters in the original ``{"image_proj", "ip_adapter"}`` format), so
-that loading goes through exactly the code that loads the real weights. :func:`write_tiny_ms_diffusion` adds,
-beside them and without touching them, MS-Diffusion's random weights in its released ``ms_adapter.bin`` layout
-and a tiny bigG-like CLIP model. Nothing here is a quality model.
+that loading goes through exactly the code that loads the real weights. A method with weights of its own writes
+its tiny random ones beside these, without touching them, from its own module (``write_tiny`` in
+``anyms/methods/<name>.py``). Nothing here is a quality model.
 """
 
 from __future__ import annotations
@@ -225,90 +225,3 @@ def write_tiny_hub(root: str | Path, seed: int = 0) -> Path:
         shutil.rmtree(tok_dir)
 
     return write_folder_once(root, write, "tiny random models written by anyms.tiny.write_tiny_hub")
-
-
-# --- MS-Diffusion: random weights in the released checkpoint's layout ---------------------------------------
-
-# the tiny resampler (conf/model/tiny.yaml and tiny_sd15.yaml give the same sizes to the loader)
-MS_DIFFUSION_RESAMPLER = dict(dim=64, depth=4, dim_head=64, heads=1, num_queries=16, ff_mult=4, fourier_freqs=8)
-BIGG_DIR, MS_DIFFUSION_DIR = "CLIP-ViT-bigG-14", "MS-Diffusion"
-MS_DIFFUSION_FILES = {"sdxl": "ms_adapter.bin", "sd15": "sd15/ms_adapter.bin"}  # as doge1516/MS-Diffusion; sd15: ours
-
-
-def tiny_bigg_clip(seed: int = 0):
-    """A tiny ``CLIPModel`` standing in for laion/CLIP-ViT-bigG-14-laion2B-39B-b160k, which is a whole CLIP
-    model (text and vision towers): MS-Diffusion loads its vision tower with projection. The vision tower is
-    48 wide, so the resampler's input width differs from the ViT-H-like encoder's and from its own."""
-    from transformers import CLIPConfig, CLIPModel
-
-    torch.manual_seed(seed)
-    return CLIPModel(CLIPConfig(
-        text_config=_text_config().to_dict(), projection_dim=32,
-        vision_config=dict(hidden_size=48, projection_dim=32, intermediate_size=64, num_attention_heads=4,
-                           num_hidden_layers=2, image_size=IMAGE_ENCODER_SIZE, patch_size=8),
-    ))
-
-
-def tiny_bigg_image_encoder(seed: int = 0):
-    """The vision tower of :func:`tiny_bigg_clip` as a ``CLIPVisionModelWithProjection`` (what the loader makes of it)."""
-    from transformers import CLIPVisionModelWithProjection
-
-    clip = tiny_bigg_clip(seed)
-    encoder = CLIPVisionModelWithProjection(clip.config.vision_config)
-    encoder.load_state_dict({k: v for k, v in clip.state_dict().items()
-                             if k.startswith(("vision_model.", "visual_projection."))}, strict=True)
-    return encoder
-
-
-def random_ms_diffusion_state_dict(unet, text_encoder, image_encoder, seed: int = 0, resampler: dict | None = None,
-                                   num_dummy_tokens: int = 4) -> dict:
-    """Random MS-Diffusion weights in the layout of the released ``ms_adapter.bin``:
-    ``{"image_proj": <resampler>, "ms_adapter": {"1.to_k_ip.weight", "1.to_v_ip.weight", "3....": ...},
-    "dummy_image_tokens": [1, 4, cross_attention_dim]}``. ``text_encoder`` and ``image_encoder`` may be models
-    or their configs (only sizes are read); the UNet's global RNG state is left alone."""
-    from anyms.ms_diffusion import RESAMPLER_DEFAULTS, GroundingResampler, adapter_layers
-
-    text_cfg, image_cfg = getattr(text_encoder, "config", text_encoder), getattr(image_encoder, "config", image_encoder)
-    sizes = {**RESAMPLER_DEFAULTS, **(MS_DIFFUSION_RESAMPLER if resampler is None else resampler)}
-    cross_dim = unet.config.cross_attention_dim
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        proj = GroundingResampler(embedding_dim=image_cfg.hidden_size, output_dim=cross_dim,
-                                  phrase_dim=text_cfg.projection_dim, **sizes)
-    g = torch.Generator().manual_seed(seed + 1)
-    layers = {}
-    for index, name in adapter_layers(unet):
-        attn = unet.get_submodule(name[: -len(".processor")])
-        inner, ca_dim = attn.to_k.out_features, attn.to_k.in_features
-        layers[f"{index}.to_k_ip.weight"] = torch.randn(inner, ca_dim, generator=g) * ca_dim**-0.5
-        layers[f"{index}.to_v_ip.weight"] = torch.randn(inner, ca_dim, generator=g) * ca_dim**-0.5
-    return {"image_proj": {k: v.detach().clone() for k, v in proj.state_dict().items()}, "ms_adapter": layers,
-            "dummy_image_tokens": torch.randn(1, num_dummy_tokens, cross_dim, generator=g)}
-
-
-def write_tiny_ms_diffusion(root: str | Path, seed: int = 0) -> Path:
-    """Writes, once each and beside the tiny hub (:func:`write_tiny_hub`, written first if missing, never
-    changed): ``root/CLIP-ViT-bigG-14`` (a tiny bigG-like CLIP model, as laion/CLIP-ViT-bigG-14-laion2B-39B-b160k)
-    and ``root/MS-Diffusion`` (as doge1516/MS-Diffusion: ``ms_adapter.bin`` for the tiny SDXL-like model, and
-    ``sd15/ms_adapter.bin`` for the tiny SD1.5-like one, which has no released counterpart). Returns ``root``."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPConfig, CLIPTextConfig
-
-    from runfolder import write_folder_once
-
-    root = Path(write_tiny_hub(root, seed))
-    write_folder_once(root / BIGG_DIR, lambda tmp: tiny_bigg_clip(seed + 5).save_pretrained(tmp),
-                      "tiny random bigG-like CLIP model written by anyms.tiny.write_tiny_ms_diffusion")
-
-    def write(tmp: Path) -> None:
-        image_cfg = CLIPConfig.from_pretrained(root / BIGG_DIR).vision_config
-        for i, (kind, rel) in enumerate(MS_DIFFUSION_FILES.items()):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(root / kind / "unet"))
-            text_cfg = CLIPTextConfig.from_pretrained(root / kind / "text_encoder")
-            sd = random_ms_diffusion_state_dict(unet, text_cfg, image_cfg, seed=seed + 10 * (i + 1))
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            torch.save(sd, tmp / rel)
-
-    write_folder_once(root / MS_DIFFUSION_DIR, write,
-                      "tiny random MS-Diffusion weights written by anyms.tiny.write_tiny_ms_diffusion")
-    return root
