@@ -418,3 +418,21 @@ class Ap50Matches:
             inside = inds < len(m)
             precision[inside, k] = pr[inds[inside]]
         return float(np.mean(precision.ravel())) * 100.0
+
+
+def ap_images(metrics, detections, images: Sequence[str]) -> dict[str, dict]:
+    """Per image, the input of :func:`ap50` from the evaluation's tables (``metrics.parquet`` and
+    ``detections.parquet`` as DataFrames): requested boxes (scenes left out) and all detections kept."""
+    req = metrics[metrics["image"].isin(images)]
+    dets = detections[detections["image"].isin(images)] if len(detections) else detections
+    by_image_dets = {k: g for k, g in dets.groupby("image")} if len(dets) else {}
+    out = {}
+    for image, g in req.groupby("image", sort=True):
+        d = by_image_dets.get(image)
+        in_layout = g[g["in_layout"].astype(bool)] if "in_layout" in g else g  # scenes are no layout ground truth
+        out[image] = {
+            "requested": [((r.req_x0, r.req_y0, r.req_x1, r.req_y1), r.phrase) for r in in_layout.itertuples()],
+            "detections": [] if d is None else [((r.x0, r.y0, r.x1, r.y1), r.score, r.phrase) for r in d.itertuples()],
+            "width": int(g["width"].iloc[0]), "height": int(g["height"].iloc[0]),
+        }
+    return out

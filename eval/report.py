@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from eval.layout_metrics import Ap50Matches, ap50
+from eval.layout_metrics import Ap50Matches, ap50, ap_images
 from eval.published import benchmark_of, published_markdown
 
 # column in metrics.parquet -> (table header, how many decimals)
@@ -170,23 +170,6 @@ def combination_mean_bootstrap(values: pd.DataFrame, column: str, samples: int, 
     boot = resampled_means(groups, samples, np.random.default_rng(seed), resample)
     lo, hi = np.percentile(boot, [2.5, 97.5])
     return Estimate(mean, float(lo), float(hi), n)
-
-
-def ap_images(metrics: pd.DataFrame, detections: pd.DataFrame, images: Sequence[str]) -> dict[str, dict]:
-    """Per image, the input of :func:`eval.layout_metrics.ap50`: requested boxes and all detections kept."""
-    req = metrics[metrics["image"].isin(images)]
-    dets = detections[detections["image"].isin(images)] if len(detections) else detections
-    by_image_dets = {k: g for k, g in dets.groupby("image")} if len(dets) else {}
-    out = {}
-    for image, g in req.groupby("image", sort=True):
-        d = by_image_dets.get(image)
-        in_layout = g[g["in_layout"].astype(bool)] if "in_layout" in g else g  # scenes are no layout ground truth
-        out[image] = {
-            "requested": [((r.req_x0, r.req_y0, r.req_x1, r.req_y1), r.phrase) for r in in_layout.itertuples()],
-            "detections": [] if d is None else [((r.x0, r.y0, r.x1, r.y1), r.score, r.phrase) for r in d.itertuples()],
-            "width": int(g["width"].iloc[0]), "height": int(g["height"].iloc[0]),
-        }
-    return out
 
 
 def resampled_image_sets(groups: Sequence[np.ndarray], samples: int, rng: np.random.Generator,

@@ -110,8 +110,7 @@ def krippendorff_alpha(votes: pd.DataFrame, study: dict) -> pd.DataFrame:
 def _image_ap50(run_dir: str, layout_rows: pd.DataFrame, image: str, cache: dict) -> float:
     """The image's own AP50 from its run folder's detections.parquet; NaN where the run has none or the
     metrics lack the requested boxes."""
-    from eval.layout_metrics import ap50
-    from eval.report import ap_images
+    from eval.layout_metrics import ap50, ap_images
 
     if run_dir not in cache:
         path = Path(run_dir) / "detections.parquet"
