@@ -287,7 +287,7 @@ def run_check(device: str = "auto", dtype: str = "auto", run_dir: Path | None = 
     size = TINY_SIZE if tiny else SIZE
     for method in METHODS:
         overrides = generate_overrides(folders, run_dir, method, dtype, device, tiny_size=size if tiny else None)
-        if tiny:
+        if tiny and method == "ms_diffusion":  # its resampler sizes live in its own config
             overrides += TINY_MS_RESAMPLER
         stages.append(run_stage(Stage(f"generate {method}", _child("scripts/generate.py", *overrides)), env, logs))
     stages.append(run_stage(Stage("evaluate", _child("scripts/evaluate.py", *evaluate_overrides(
