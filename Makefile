@@ -4,8 +4,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # The data root holds one folder per dataset; beside a checkout with ../shared/ (tests, CI) use that.
 export ANYMS_DATA_ROOT ?= $(if $(wildcard ../shared/dreambench),$(abspath ../shared),)
-# The real-size check (about 17 min and 14 GiB here) runs as `make check-real-size`, not in `make test`: with it
-# CI took ~40 min of its 45-min budget. PYTEST_ARGS='-m real_size' runs only it through pytest.
+# The real-size check (about 17 min and 14 GiB here) runs as `make check-real-size`, not in `make test`: with it,
+# CI would take an estimated ~40 min of its 45-min budget. PYTEST_ARGS='-m real_size' runs only it through pytest.
 PYTEST_ARGS ?= -m "not real_size"
 
 # Hydra overrides from make variables: `make generate benchmark=anyms11 model=tiny method=wo_local`.
