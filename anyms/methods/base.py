@@ -194,6 +194,17 @@ def weights_for(method: Mapping, model: Mapping, what: str) -> dict:
     return dict(entry)
 
 
+def own_weights(cls, name: str, weights: Mapping | None, model: Mapping, write_tiny) -> dict:
+    """What every method with weights of its own does first: its ``check`` (before anything loads), this base
+    model's entry of its weight table, and its tiny random weights written when the base model is a tiny one."""
+    method = {"name": name, "weights": weights}
+    cls.check(method, model)
+    entry = weights_for(method, model, cls.WEIGHTS)
+    if model.get("tiny"):
+        write_tiny(model["tiny_root"])
+    return entry
+
+
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 

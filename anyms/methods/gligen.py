@@ -26,7 +26,7 @@ from PIL import Image
 from anyms.core.attention_maps import AttentionMapSettings
 from anyms.core.layout import Layout
 from anyms.methods.base import (BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, check_local_paths,
-                                peak_memory_bytes, weights_for)
+                                own_weights, peak_memory_bytes, weights_for)
 from runfolder.references import load_reference
 
 METHOD = "gligen"
@@ -45,11 +45,7 @@ class GLIGEN(BasePipeline):
 
         from anyms.methods.loading import how_to_get, prepare_runtime
 
-        method = {"name": name, "weights": weights}
-        self.check(method, model)
-        entry = weights_for(method, model, self.WEIGHTS)
-        if model.get("tiny"):
-            write_tiny(model["tiny_root"])
+        entry = own_weights(type(self), name, weights, model, write_tiny)
         device, dtype = prepare_runtime(model)
         repo, field = str(entry["repo"]), f"method.weights.{model['name']}.repo"
         try:

@@ -37,7 +37,7 @@ from torch import nn
 from anyms.core.attention import attention_epilogue, attention_prelude
 from anyms.core.layout import Layout, Subject, grid_for
 from anyms.methods.base import (BasePipeline, GenerationResult, GenerationSettings, ModelLoadError, check_local_paths, frozen,
-                                peak_memory_bytes, weights_for)
+                                own_weights, peak_memory_bytes, weights_for)
 from runfolder.references import load_reference
 
 METHOD = "ms_diffusion"
@@ -638,11 +638,7 @@ class MSDiffusion(MSDiffusionPipeline):
     def __init__(self, model: Mapping, name: str = METHOD, weights: Mapping | None = None, **settings):
         from anyms.methods.loading import load_base
 
-        method = {"name": name, "weights": weights}
-        self.check(method, model)
-        entry = weights_for(method, model, self.WEIGHTS)
-        if model.get("tiny"):
-            write_tiny(model["tiny_root"])
+        entry = own_weights(type(self), name, weights, model, write_tiny)
         pipe, device = load_base(model)
         pipe.to(device)
         load_ms_diffusion_pipeline(pipe, name=model["name"], default_size=int(model["size"]), cls=self._init, **entry)
