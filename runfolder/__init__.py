@@ -148,21 +148,10 @@ def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict
     """Every record of the run folder, the newest per image, in a stable order (method, combination, seed).
 
     A file's last line that is not JSON is a write cut by a crash (a torn line): it is reported (a warning
-    naming the file) and skipped, the file left as it is, so the image it described counts as not made yet.
-    A torn line that a later record was appended to (the crash, then a resumed run: the record follows the
-    fragment on the same line) is reported the same way and the record read. A line that is not JSON
-    anywhere else stops, naming file:line and the fix."""
+    naming the file) and skipped, the file left as it is, so the image it described counts as not made yet
+    (the next :func:`append_record` of the file's writer cuts it off). A line that is not JSON anywhere else
+    stops, naming file:line and the fix."""
     import logging
-
-    def glued(line: str) -> dict | None:
-        """The whole record that ends ``line`` after a torn fragment, if it is one (``{`` to the line's end)."""
-        for i in [i for i, c in enumerate(line) if c == "{" and i > 0]:
-            try:
-                record = json.loads(line[i:])
-            except json.JSONDecodeError:
-                continue
-            return record if isinstance(record, dict) and "image" in record else None
-        return None
 
     folder = Path(run_dir) / RECORDS
     newest: dict[str, dict] = {}
@@ -176,18 +165,15 @@ def read_records(run_dir: str | os.PathLike, validate: bool = True) -> list[dict
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                record = glued(line)
-                if record is None and n != last:
+                if n != last:
                     raise RunFolderError(
                         f"{where}: not a JSON object ({err.msg}); if a crash cut this record and a later one was "
                         f"appended to it, delete line {n} (its image is then made again by generate) and run again"
                     ) from None
                 logging.getLogger(__name__).warning(
-                    "%s: line %d is torn, a record cut by a crash (%s); %s", path, n, err.msg,
-                    "ignoring it: the image it described counts as not made yet" if record is None else
-                    "reading the record appended after it")
-                if record is None:
-                    continue
+                    "%s: line %d is torn, a record cut by a crash (%s); ignoring it: the image it described counts "
+                    "as not made yet", path, n, err.msg)
+                continue
             if validate:
                 validate_record(record, where)
             key = record.get("image")
