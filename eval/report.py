@@ -683,8 +683,12 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     from eval.study.analysis import report_hook
     report_hook(run_dirs, out, bootstrap, TINY_BANNER if tiny else "")
 
+    # issue 18: the paper's comparison figures (eval/figures.py), named in report.json
+    from eval.figures import write_figures
+    drawn = write_figures(record_runs, metrics, out / "figures", figures, "TINY RANDOM MODELS - " if tiny else "")
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
                "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
+    summary["figures"] = {name: figure.summary(out) for name, figure in drawn.items()}
     if (out / "attention").is_dir():
         summary["attention_figures"] = sorted(p.name for p in (out / "attention").glob("*.png"))
     runfolder.write_json(out / "report.json", summary)
