@@ -22,6 +22,9 @@ from runfolder.attention_maps import grid_key, load_attention_maps
 
 STREAMS = ("image", "text")
 COLUMNS = {"attn_in_box_image": "image attention in box (%)", "attn_in_box_text": "text attention in box (%)"}
+# perceptually uniform and monotonic in lightness (jet's bands read as structure that is not there)
+CMAP = "inferno"
+COLORBAR_LABEL = "attention, min-max normalized per map (0-1)"
 
 
 def in_box_share(maps: dict, stream: str) -> np.ndarray:
@@ -57,20 +60,32 @@ def attention_rows(record_runs: Sequence[tuple[dict, object]]) -> pd.DataFrame:
 
 # --- figures ----------------------------------------------------------------------------------------------
 
-def _heat(ax, image, heat: np.ndarray, box, title: str) -> None:
+def _heat(ax, image, heat: np.ndarray, box, title: str):
     """The image in grey with the map over it, min-max normalized on its own (as the paper's Fig. 7; a
-    constant map shows flat), one cell per token of the finest recorded grid, and the requested box."""
+    constant map shows flat), one cell per token of the finest recorded grid, and the requested box. Returns
+    the map's artist, for the colorbar."""
     from matplotlib.patches import Rectangle
 
     w, h = image.size
     ax.imshow(np.asarray(image.convert("L")), cmap="gray", extent=(0, w, h, 0))
     lo, hi = float(heat.min()), float(heat.max())
     shown = (heat - lo) / (hi - lo) if hi > lo else np.full_like(heat, 1.0 if hi > 0 else 0.0)
-    ax.imshow(shown, cmap="jet", alpha=0.55, vmin=0, vmax=1, extent=(0, w, h, 0), interpolation="nearest")
+    shown_map = ax.imshow(shown, cmap=CMAP, alpha=0.6, vmin=0, vmax=1, extent=(0, w, h, 0), interpolation="nearest")
     x0, y0, x1, y1 = box
     ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=False, edgecolor="white", lw=1.5))
     ax.set_title(title, fontsize=7)
     ax.set_axis_off()
+    return shown_map
+
+
+def _colorbar(fig, axes, artist) -> None:
+    """One colorbar for the figure's maps (every map is normalized the same way), opaque: the overlay's alpha
+    would make it read lighter than the colours it names."""
+    from matplotlib.cm import ScalarMappable
+
+    bar = fig.colorbar(ScalarMappable(norm=artist.norm, cmap=artist.get_cmap()), ax=axes, shrink=0.6, pad=0.02)
+    bar.set_label(COLORBAR_LABEL, fontsize=7)
+    bar.ax.tick_params(labelsize=6)
 
 
 def _share_text(v: float) -> str:
@@ -90,7 +105,8 @@ def image_figure(image, record: dict, maps: dict, path, banner: str = "") -> Non
 
     subjects = record["subjects"]
     shares = {s: in_box_share(maps, s) for s in STREAMS}
-    fig, axes = plt.subplots(len(subjects), 3, figsize=(6.6, 2.3 * len(subjects)), squeeze=False)
+    fig, axes = plt.subplots(len(subjects), 3, figsize=(7.2, 2.3 * len(subjects)), squeeze=False,
+                             layout="constrained")  # leaves room for the colorbar
     w, h = image.size
     for j, s in enumerate(subjects):
         ax = axes[j, 0]
@@ -99,14 +115,14 @@ def image_figure(image, record: dict, maps: dict, path, banner: str = "") -> Non
         ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h, fill=False, edgecolor=colour(j), lw=2))
         ax.set_title(f"{s['name']} ({s['phrase']})", fontsize=7)
         ax.set_axis_off()
-        _heat(axes[j, 1], image, maps["image"][j], s["box"], f"image attention: {_share_text(shares['image'][j])}")
+        artist = _heat(axes[j, 1], image, maps["image"][j], s["box"], f"image attention: {_share_text(shares['image'][j])}")
         found = bool(maps["phrase_found"][j])
         _heat(axes[j, 2], image, maps["text"][j], s["box"],
               f"text '{s['phrase']}': {_share_text(shares['text'][j])}" if found else "phrase not in prompt")
+    _colorbar(fig, axes, artist)
     grids = ", ".join(grid_key(*g) for g in np.asarray(maps["grids"]).tolist())
     fig.suptitle(f"{banner}{record['method']} / {record['combination']} / seed {record['seed']}\n"
                  f"grids {grids}, {len(maps['steps'])} step(s)", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -122,7 +138,8 @@ def combination_figure(entries: Sequence[tuple[object, dict, dict]], path, banne
 
     subjects = entries[0][1]["subjects"]
     n = len(subjects)
-    fig, axes = plt.subplots(1 + 2 * n, len(entries), figsize=(1.9 * len(entries), 1.9 * (1 + 2 * n)), squeeze=False)
+    fig, axes = plt.subplots(1 + 2 * n, len(entries), figsize=(1.9 * len(entries) + 0.8, 1.9 * (1 + 2 * n)),
+                             squeeze=False, layout="constrained")  # leaves room for the colorbar
     for c, (image, record, maps) in enumerate(entries):
         shares = {s: in_box_share(maps, s) for s in STREAMS}
         w, h = image.size
@@ -130,13 +147,13 @@ def combination_figure(entries: Sequence[tuple[object, dict, dict]], path, banne
         axes[0, c].set_title(record["method"], fontsize=7)
         axes[0, c].set_axis_off()
         for j, s in enumerate(subjects):
-            _heat(axes[1 + j, c], image, maps["image"][j], s["box"],
-                  f"{s['name']} image: {_share_text(shares['image'][j])}")
+            artist = _heat(axes[1 + j, c], image, maps["image"][j], s["box"],
+                           f"{s['name']} image: {_share_text(shares['image'][j])}")
             _heat(axes[1 + n + j, c], image, maps["text"][j], s["box"],
                   f"'{s['phrase']}' text: {_share_text(shares['text'][j])}")
+    _colorbar(fig, axes, artist)
     r = entries[0][1]
     fig.suptitle(f"{banner}{r['combination']} / seed {r['seed']}: {r['prompt']}", fontsize=8)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
