@@ -108,6 +108,18 @@ def test_the_sample_takes_pairs_every_method_made_and_explicit_pairs_are_followe
     assert drawn["comparison"].rows == 2
 
 
+def test_with_several_run_folders_each_cell_finds_its_rows_under_the_qualified_image_name(tmp_path, monkeypatch):
+    a_runs, a_metrics = report_inputs(tmp_path / "a", ["anyms"], combos=("c01",), seeds=(0,))
+    b_runs, b_metrics = report_inputs(tmp_path / "b", ["gligen"], combos=("c01",), seeds=(0,))
+    metrics = pd.concat([m.assign(image=[str(d / i) for i in m["image"]])  # as run_report names them
+                         for m, d in ((a_metrics, tmp_path / "a"), (b_metrics, tmp_path / "b"))])
+    scored = []
+    score = figures.image_scores
+    monkeypatch.setattr(figures, "image_scores", lambda rows: (scored.append(len(rows)), score(rows))[1])
+    figures.write_figures(a_runs + b_runs, metrics, tmp_path / "figures", {})
+    assert scored and all(n == 2 for n in scored)  # every cell: its image's two subjects
+
+
 @pytest.mark.parametrize("pairs", [["c01:0", "c09:0"], ["c01"], "c01:x"])
 def test_a_pair_not_in_the_report_names_the_setting_and_the_pairs_there(tmp_path, pairs):
     record_runs, metrics = report_inputs(tmp_path, ["anyms"], combos=("c01",), seeds=(0, 1))
