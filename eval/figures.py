@@ -383,6 +383,13 @@ def choose_pairs(made: dict[str, set[tuple[str, int]]], methods: Sequence[str], 
     return sample_pairs(shared, int(cfg.get("samples", 4)), int(cfg.get("seed", 0)))
 
 
+def check_pairs(record_runs: Sequence[tuple[dict, object]], figures_cfg: dict | None) -> None:
+    """``figures.pairs`` checked before the report writes anything, so a typo leaves the last report whole."""
+    cfg = dict(figures_cfg or {})
+    if cfg.get("pairs") is not None:
+        parse_pairs(cfg["pairs"], {(r["combination"], int(r["seed"])) for r, _ in record_runs})
+
+
 def method_order(methods) -> list[str]:
     """anyms first (the paper's method), then the ablations, then the others alphabetically."""
     rank = {m: i for i, m in enumerate(ABLATION)}

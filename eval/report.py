@@ -589,6 +589,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         for rec in recs:
             record_dicts.append({**rec, "method": label_of[rec["image"]], "image": key(rec["image"])})
             record_runs.append(({**rec, "method": label_of[rec["image"]]}, d))  # (record, its run folder)
+    from eval.figures import check_pairs
+    check_pairs(record_runs, figures)  # before anything is written
     metrics = pd.concat(metric_parts, ignore_index=True)
     detections = pd.concat(detection_parts, ignore_index=True)
     records = pd.DataFrame(record_dicts)

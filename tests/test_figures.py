@@ -201,6 +201,23 @@ def test_the_report_draws_the_figures_and_names_them_in_report_json(tmp_path):
         assert (tmp_path / "report" / "figures" / name).is_file()
 
 
+def test_a_bad_pair_stops_the_report_before_it_writes_anything(tmp_path):
+    from eval.evaluate import run_evaluation
+    from eval.report import run_report
+
+    from .test_evaluate import colour_cfg, write_synthetic_run
+
+    boxes = {"dog": (0.125, 0.25, 0.5, 0.75), "cat": (0.5, 0.125, 0.875, 0.875)}
+    write_synthetic_run(tmp_path, {s: [(p, b, b) for p, b in boxes.items()] for s in range(2)})
+    run_evaluation(colour_cfg(tmp_path))
+    out = tmp_path / "report"
+    run_report([tmp_path], out, {"samples": 5, "ap_samples": 1, "seed": 0})
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(EvaluationError, match="figures.pairs: 'c09:0'"):
+        run_report([tmp_path], out, {"samples": 7, "ap_samples": 1, "seed": 1}, figures={"pairs": ["c09:0"]})
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 def attention_inputs():
     """An image, its record and attention maps of two subjects on one 4x4 grid (the format's arrays)."""
     boxes = [[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]
