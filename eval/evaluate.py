@@ -466,5 +466,5 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
     if summary.scored and cfg.get("wandb") and cfg.wandb.enabled:
         from eval.wandb_log import log_evaluation
 
-        log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb), records)
+        log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb), records, METRIC_COLUMNS)
     return summary

@@ -52,12 +52,10 @@ def table_summary(name: str, table: pd.DataFrame) -> dict:
     return out
 
 
-def subject_means(metrics: pd.DataFrame) -> dict:
+def subject_means(metrics: pd.DataFrame, metric_columns: Sequence[str]) -> dict:
     """``subject_mean/<method>/<metric>``: each metric column's plain mean over a method's subject rows (detected
     and id_swapped as shares); never the columns that say which image, subject or box a row is."""
-    from eval.evaluate import METRIC_COLUMNS
-
-    columns = [c for c in METRIC_COLUMNS if c in metrics]
+    columns = [c for c in metric_columns if c in metrics]
     means = metrics[columns].astype(float).groupby(metrics["method"]).mean()
     return {f"subject_mean/{method}/{column}": float(value)
             for method, row in means.iterrows() for column, value in row.items() if np.isfinite(value)}
@@ -191,9 +189,10 @@ def log_report(out_dir: Path, table1: pd.DataFrame, table2: pd.DataFrame, fig4: 
         run.finish()
 
 
-def log_evaluation(run_dir: Path, metrics: pd.DataFrame, eval_config: dict, cfg: dict, records: Sequence[dict]) -> None:
+def log_evaluation(run_dir: Path, metrics: pd.DataFrame, eval_config: dict, cfg: dict, records: Sequence[dict],
+                   metric_columns: Sequence[str]) -> None:
     """The evaluation stage's run: its config, the per-subject metrics table, and per method the means of the
-    metric columns in the summary."""
+    ``metric_columns`` (eval.evaluate.METRIC_COLUMNS) in the summary."""
     import wandb
 
     import runfolder
@@ -205,6 +204,6 @@ def log_evaluation(run_dir: Path, metrics: pd.DataFrame, eval_config: dict, cfg:
         run.log({"metrics": wandb.Table(dataframe=metrics.drop(columns=[c for c in metrics if metrics[c].dtype == object
                                                                         and c not in ("image", "method", "combination",
                                                                                       "subject", "phrase", "role")]))})
-        run.summary.update(subject_means(metrics))
+        run.summary.update(subject_means(metrics, metric_columns))
     finally:
         run.finish()
