@@ -141,6 +141,12 @@ def check_benchmark_protocol(cfg: DictConfig, records: Sequence[dict]) -> None:
             f"eval={cfg.get('name')} ({protocol}): use {want}, or eval.protocol=any to score them with this config")
 
 
+# The columns of score_image's rows that are scores; the others say which image, subject and boxes (W&B summaries
+# average these only).
+METRIC_COLUMNS = ("iou", "iou_best", "clip_i", "dino", "dreamsim", "clip_t", "m_dino", "detected", "id_margin",
+                  "id_swapped")
+
+
 def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, refs: ReferenceCache,
                 cfg: DictConfig, metrics: Sequence[str]) -> tuple[list[dict], list[dict]]:
     """Rows for metrics.parquet (one per subject) and detections.parquet (every detection kept for AP).
@@ -460,5 +466,5 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
     if summary.scored and cfg.get("wandb") and cfg.wandb.enabled:
         from eval.wandb_log import log_evaluation
 
-        log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb))
+        log_evaluation(run_dir, table, eval_config, OmegaConf.to_container(cfg.wandb), records, METRIC_COLUMNS)
     return summary

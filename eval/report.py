@@ -697,7 +697,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     if wandb_cfg and wandb_cfg.get("enabled"):
         from eval.wandb_log import log_report
 
-        log_report(out, table1, table2, fig4, metrics, records, run_dirs, wandb_cfg, tiny)
+        log_report(out, table1, table2, fig4, metrics, records, run_dirs, wandb_cfg, tiny, table1_columns)
     return summary
 
 

@@ -289,19 +289,45 @@ def config_identity(cfg, drop: tuple[str, ...] = ()) -> dict:
     return plain
 
 
-def wandb_run(wandb_cfg, run_dir: str | os.PathLike, job_type: str, config: dict | None = None):
+WANDB_TAG_MAX = 64  # W&B refuses longer tags
+_WANDB_DATA_DIRS_SET_HERE: list[str] = []
+
+
+def stage_wandb_files_in(folder: Path) -> None:
+    """W&B copies the files of every logged table (the report's images too) into ``$WANDB_DATA_DIR`` until they are
+    uploaded (offline: until ``wandb sync``), by default ~/.local/share/wandb, where they pile up unseen: here the
+    run folder's ``wandb/`` instead, unless the user set WANDB_DATA_DIR (only its staging reads it)."""
+    current = os.environ.get("WANDB_DATA_DIR")
+    if current is None or current in _WANDB_DATA_DIRS_SET_HERE:
+        os.environ["WANDB_DATA_DIR"] = str(folder)
+        _WANDB_DATA_DIRS_SET_HERE.append(str(folder))
+
+
+def wandb_run(wandb_cfg, run_dir: str | os.PathLike, stage: str, config: dict | None = None, *,
+              methods=(), benchmarks=(), models=()):
     """A W&B run for one stage of a run folder (``None`` when ``wandb_cfg.enabled`` is false), grouped by
-    the run folder, written under ``<run_dir>/wandb``. Offline unless the config says ``mode: online``."""
+    the run folder, written under ``<run_dir>/wandb``. Offline unless the config says ``mode: online``.
+
+    Named ``<stage>-<run folder>[-<method>]`` (the method when the run is about one) and tagged
+    ``[stage, benchmark(s), model(s), method(s)]``, so runs can be found and compared across run folders.
+    ``wandb_cfg.silent`` (default true): no W&B banners or "Find logs at" lines on the terminal."""
     if not wandb_cfg or not wandb_cfg.get("enabled"):
         return None
     import wandb
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    folder = run_dir.resolve().name
+    stage_wandb_files_in(run_dir.resolve() / "wandb")
+    methods = [str(m) for m in methods]
+    name = f"{stage}-{folder}" + (f"-{methods[0]}" if len(methods) == 1 else "")
+    tags = [str(t)[:WANDB_TAG_MAX] for t in (stage, *benchmarks, *models, *methods) if t is not None and str(t)]
+    # silent=false passes no setting at all, so WANDB_SILENT and the user's wandb settings still apply
+    settings = wandb.Settings(silent=True) if wandb_cfg.get("silent", True) else None
     return wandb.init(
         project=wandb_cfg.get("project", "anyms-bench"), mode=wandb_cfg.get("mode", "offline"), dir=str(run_dir),
-        group=wandb_cfg.get("group") or run_dir.resolve().name, job_type=job_type, config=config or {},
-        reinit="finish_previous",
+        group=wandb_cfg.get("group") or folder, job_type=stage, name=name, tags=list(dict.fromkeys(tags)),
+        config=config or {}, reinit="finish_previous", settings=settings,
     )
 
 

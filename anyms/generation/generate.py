@@ -325,13 +325,15 @@ def remove_stale_temporary_files(run_dir: Path, method: str, shard, work) -> int
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: GenerationSummary, sheets: list[Path]) -> None:
-    """The generation stage's W&B run: the resolved config, versions, this job's records, contact sheets."""
+    """The generation stage's W&B run (``generate-<run folder>-<method>``, tagged with the benchmark, model and
+    method): the resolved config, versions, this job's records, contact sheets."""
     if not cfg.get("wandb") or not cfg.wandb.enabled:
         return
     import wandb
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    run = runfolder.wandb_run(config["wandb"], run_dir, "generate", {**config, **runfolder.provenance()})
+    run = runfolder.wandb_run(config["wandb"], run_dir, "generate", {**config, **runfolder.provenance()},
+                              methods=[method], benchmarks=[cfg.benchmark.name], models=[cfg.model.name])
     try:
         done = set(summary.generated)
         rows = [{k: r[k] for k in ("image", "combination", "method", "seed", "prompt", "n_subjects", "config_hash",
@@ -342,8 +344,9 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: Generatio
 
             run.log({"records": wandb.Table(dataframe=pd.DataFrame(rows))})
         n = int(cfg.wandb.get("sample_images", 8))
-        if sheets:
-            run.log({"contact_sheets": [wandb.Image(str(p), caption=f"{method} / {p.parent.name}") for p in sheets[:n]]})
+        if sheets:  # a table, not an image list: sheets differ in size, which W&B warns about on the terminal
+            run.log({"contact_sheets": wandb.Table(columns=["method", "combination", "sheet"], data=[
+                [method, p.parent.name, wandb.Image(str(p), caption=f"{method} / {p.parent.name}")] for p in sheets[:n]])})
         run.summary.update({"generated": len(summary.generated), "skipped": summary.skipped, "seconds": summary.seconds})
     finally:
         run.finish()
