@@ -124,11 +124,23 @@ def box_overlays(subjects: pd.DataFrame) -> dict:
             "detected": {"box_data": detected, "class_labels": labels}}
 
 
+def table_thumbnail(path: Path, side: int):
+    """The image scaled down to ``side`` px on its longer edge (never up): the table is for browsing 7,700 images
+    side by side, and full PNGs would copy ~12 GB per report run. The boxes are relative, so they still fit."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        return image
+
+
 def images_table(images: pd.DataFrame, metrics: pd.DataFrame, records: pd.DataFrame, metric_columns: Sequence[str],
-                 run_dirs: Sequence):
+                 run_dirs: Sequence, thumbnail_side: int | None = None):
     """A ``wandb.Table`` of ``images`` (rows of :func:`image_rows`): method, combination, seed, the image with its
-    box overlays, prompt, detected ``k/n``, and the image's metrics. The image files are copied into the W&B run as
-    they are (a path, never decoded and re-encoded into a new PNG); an image whose file is gone is left out."""
+    box overlays, prompt, detected ``k/n``, and the image's metrics. With ``thumbnail_side`` each image is a JPEG
+    thumbnail of at most that many px (:func:`table_thumbnail`), else the PNG as it is (a path, not re-encoded). An image whose file is gone is
+    left out."""
     import wandb
 
     prompts = dict(zip(records["image"], records["prompt"])) if "prompt" in records else {}
@@ -140,7 +152,8 @@ def images_table(images: pd.DataFrame, metrics: pd.DataFrame, records: pd.DataFr
         path = image_file(r.image, run_dirs)
         if path is None:
             continue
-        picture = wandb.Image(str(path), boxes=box_overlays(subjects[r.image]),
+        data, kind = (str(path), None) if thumbnail_side is None else (table_thumbnail(path, thumbnail_side), "jpg")
+        picture = wandb.Image(data, boxes=box_overlays(subjects[r.image]), file_type=kind,
                               caption=f"{r.method} / {r.combination} / seed {r.seed}")
         values = [getattr(r, c) for c in metric_columns]
         rows.append([r.method, r.combination, int(r.seed), picture, prompts.get(r.image, ""),
@@ -182,7 +195,8 @@ def log_report(out_dir: Path, table1: pd.DataFrame, table2: pd.DataFrame, fig4: 
         if cfg.get("image_table", True):
             cap = cfg.get("max_table_images")
             shown = images if cap is None else spread_sample(images, int(cap), seed)
-            run.log({"images": images_table(shown, metrics, records, per_image, run_dirs)})
+            run.log({"images": images_table(shown, metrics, records, per_image, run_dirs,
+                                            cfg.get("table_image_side", 384))})
         samples = spread_sample(images, int(cfg.get("sample_images", 8)), seed)
         run.log({"samples": images_table(samples, metrics, records, per_image, run_dirs)})
     finally:

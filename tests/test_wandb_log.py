@@ -77,6 +77,7 @@ def test_image_table_has_a_row_per_image_with_requested_and_detected_boxes(logge
                            & (metrics["seed"] == row[col["seed"]])]
         image = row[col["image"]]
         assert image["_type"] == "image-file" and image["path"] in table["files"]
+        assert image["format"] == "jpg"  # a thumbnail (table_image_side), not a copy of the PNG
         requested, detected = image["boxes"]["requested"], image["boxes"]["detected"]
         assert len(requested) == len(subjects) and len(detected) == int(subjects["detected"].sum())
         assert row[col["detected"]] == f"{int(subjects['detected'].sum())}/{len(subjects)}"
@@ -172,3 +173,14 @@ def test_spread_sample_takes_every_method_and_spreads_combinations_reproducibly(
     partial = images[(images["method"] != "c") | (images["combination"] == "c01")]
     sample = spread_sample(partial, 6, seed=0)
     assert sample["method"].value_counts().to_dict() == {"a": 2, "b": 2, "c": 2}
+
+
+def test_table_thumbnails_shrink_large_images_and_never_enlarge(tmp_path):
+    from PIL import Image
+
+    from eval.wandb_log import table_thumbnail
+
+    Image.new("RGB", (1024, 768), "red").save(tmp_path / "big.png")
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "small.png")
+    assert table_thumbnail(tmp_path / "big.png", 384).size == (384, 288)
+    assert table_thumbnail(tmp_path / "small.png", 384).size == (64, 64)
