@@ -7,7 +7,9 @@ Hungarian); all detections down to ``ap_box_threshold`` are kept for AP@50. SAM 
 detections (all boxes of an image in one prompt); each subject's crop (mask, cropped to its bounding box,
 white background; the requested box crop when undetected) is compared with each of its references,
 segmented the same way once and cached, and the scores averaged over references. CLIP-T scores the whole
-image against the prompt. Nothing is NaN: an undetected subject has IoU 0 and ``detected=False``.
+image against the prompt. Nothing is NaN: an undetected subject has IoU 0 and ``detected=False``. Each row
+keeps the subject's region as scored (``region_rle``: SAM's mask as COCO RLE JSON; ``region_source``:
+``detection`` or ``requested_box``, None when no crop was scored), for the HTML report to show.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 import runfolder
-from eval.grounding import pad_to_square, subject_crop
+from eval.grounding import mask_to_rle, pad_to_square, subject_crop
 from runfolder.references import ReferenceImageError, load_reference
 from eval.layout_metrics import assign_detections, miou_best, miou_hungarian
 
@@ -179,6 +181,7 @@ def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, 
     missed_policy = str(cfg.get("missed_subject", "box_crop"))
 
     crops: list[Image.Image | None] = []
+    masks: dict[int, np.ndarray] = {}  # subject index -> the SAM mask its crop was cut with
     if segmenter is not None:
         # one SAM prompt: each subject's detection, or its requested box when missed (box_crop policy)
         prompts = [det_boxes[c] if c is not None else s["box"] for c, s in zip(chosen, subjects)]
@@ -230,6 +233,10 @@ def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, 
             "iou": 100.0 * ious[i] if in_layout[i] else float("nan"),
             "iou_best": 100.0 * ious_best[i] if in_layout[i] else float("nan"),
             "det_score": float(det_scores[c]) if c is not None else 0.0,
+            # the region the identity scorers saw (an output, not a setting: it leaves eval_hash alone): SAM's mask
+            # as COCO RLE, prompted by the detection or, for a missed subject (box_crop), by the requested box
+            "region_source": ("detection" if c is not None else "requested_box") if i in masks else None,
+            "region_rle": mask_to_rle(masks[i]) if i in masks else None,
         }
         for k, name in enumerate(("det_x0", "det_y0", "det_x1", "det_y1")):
             row[name] = float(det_boxes[c][k]) if c is not None else float("nan")

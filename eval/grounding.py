@@ -462,3 +462,22 @@ def subject_crop(image: Image.Image, mask: np.ndarray | None, box: Sequence[floa
     pixels = np.asarray(rgb)[top:bottom, left:right].copy()
     pixels[~mask[top:bottom, left:right]] = 255
     return finish(Image.fromarray(pixels))
+
+
+def mask_to_rle(mask: np.ndarray) -> str:
+    """A bool ``[H, W]`` mask as COCO RLE (``pycocotools.mask.encode``) in JSON: ``{"size": [H, W], "counts": ...}``
+    (compressed counts as text), a few hundred bytes where the mask is a few megabytes."""
+    from pycocotools import mask as mask_utils
+    import json
+
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    return json.dumps({"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")})
+
+
+def rle_to_mask(text: str) -> np.ndarray:
+    """The bool ``[H, W]`` mask of :func:`mask_to_rle`'s JSON."""
+    from pycocotools import mask as mask_utils
+    import json
+
+    rle = json.loads(text)
+    return mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
