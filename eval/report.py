@@ -528,8 +528,9 @@ def models_header(records: pd.DataFrame, eval_configs: Sequence[dict]) -> tuple[
     return f"Generation models: {'; '.join(gen)}. Evaluation: {' | '.join(sorted(set(ev)))}.", tiny
 
 
-def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_banner: str, stamp: str) -> None:
-    """attention.md / attention.csv (per method) and attention_subjects.csv (per image and subject)."""
+def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_banner: str, stamp: str) -> pd.DataFrame:
+    """attention.md / attention.csv (per method) and attention_subjects.csv (per image and subject); returns
+    attention.md's table."""
     import runfolder
 
     shown = display_table(table, ATTENTION_COLUMNS)
@@ -544,13 +545,15 @@ def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_
     runfolder.atomic_write(out / "attention.md", lambda p: p.write_text(md))
     runfolder.atomic_write(out / "attention.csv", lambda p: table.to_csv(p, index=False))
     runfolder.atomic_write(out / "attention_subjects.csv", lambda p: rows.to_csv(p, index=False))
+    return shown
 
 
 def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None,
                figures: dict | None = None, split: bool = False) -> dict:
-    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv} and report.json into ``out_dir``; with
-    attention maps in the runs also attention.{md,csv} and attention/ figures (``figures["attention"]``
-    (combination, seed) pairs, default 4). A row is one method under one configuration: a method whose
+    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv}, the HTML report (index.html, methods/,
+    images/, regions/, assets/: eval/html_report.py) and report.json into ``out_dir``; with attention maps in
+    the runs also attention.{md,csv} and attention/ figures (``figures["attention"]`` (combination, seed)
+    pairs, default 4). A row is one method under one configuration: a method whose
     images were made with different settings (or in run folders that cannot say theirs) is refused naming
     the fields, or with ``split`` shown as one row per setting, ``method [field=value]``."""
     from pathlib import Path
@@ -558,6 +561,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     import runfolder
     from eval.attention import attention_rows, write_attention_figures
     from eval.evaluate import EvaluationError
+    from eval.html_report import html_table, write_html_report
 
     figures = dict(figures or {})
 
@@ -604,11 +608,15 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
     prov = _provenance(records, metrics)
     unscored = sum(len(r[4]["unscored"]) for r in runs)
-    stamp = (f"{header} {protocol_line([r[3] for r in runs])} Device {devices}, dtype {dtypes}. Provenance: images git {', '.join(prov['images_git'])} "
-             f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
-             f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}. {interval}"
-             + (f" {unscored} recorded image(s) not scored yet are not in the tables (run evaluate)." if unscored else ""))
+    stamp_lines = [header, protocol_line([r[3] for r in runs]), f"Device {devices}, dtype {dtypes}.",
+                   f"Provenance: images git {', '.join(prov['images_git'])} "
+                   f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
+                   f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}.", interval]
+    if unscored:
+        stamp_lines.append(f"{unscored} recorded image(s) not scored yet are not in the tables (run evaluate).")
+    stamp = " ".join(stamp_lines)
     written = {}
+    html_tables = []  # each table as the HTML report shows it (eval/html_report.py)
 
     def write_table(name: str, table: pd.DataFrame, columns: Sequence[str], caption: str, note: str = "") -> None:
         shown = display_table(table, columns) if len(table) else pd.DataFrame()
@@ -623,6 +631,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         runfolder.atomic_write(out / f"{name}.tex", lambda p: p.write_text(
             f"% {stamp}\n" + (latex(shown, tex_caption) if len(shown) else f"% {note or 'no rows'}\n")))
         written[name] = md
+        html_tables.append(html_table(name, caption, shown, {HEADERS[c][0]: table[c] for c in columns if c in table}, note))
 
     benchmark = benchmark_of(metrics["combination"])  # from the combination ids: per-benchmark columns, published rows
     metrics = derived_columns(metrics)
@@ -638,7 +647,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
         attn = attention_table(attention, samples, seed, resample)
         table1 = table1.merge(attn.drop(columns=["n_images"]), on="method", how="left")
         attention_columns = ATTENTION_COLUMNS
-        write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
+        shown = write_attention_report(out, attention, attn, header_banner=(TINY_BANNER + "\n\n") if tiny else "", stamp=stamp)
+        html_tables.append(html_table("attention", "Attention in box", shown, {HEADERS[c][0]: attn[c] for c in ATTENTION_COLUMNS}))
         write_attention_figures(record_runs, out / "attention", int(figures.get("attention", 4)),
                                 "TINY RANDOM MODELS - " if tiny else "")
     scenes = int((~metrics["in_layout"].astype(bool)).sum()) if "in_layout" in metrics else 0
@@ -674,6 +684,9 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
             f"# Paired comparison with {reference}\n\n{(TINY_BANNER + chr(10) * 2) if tiny else ''}"
             f"{comparison_header(reference, resample, samples)}\n\n"
             f"{markdown(comparison_display(comparisons)) if len(comparisons) else '(no other method shares images with ' + reference + ')'}\n"))
+        html_tables.append(html_table("comparisons", f"Paired comparison with {reference}", comparison_display(comparisons),
+                                      {"difference [95% CI]": comparisons["difference"], "p": comparisons["p_value"],
+                                       "p (Holm)": comparisons["p_holm"]}, comparison_header(reference, resample, samples)))
 
     overlap = overlap_table(records)
     runfolder.atomic_write(out / "overlap.csv", lambda p: overlap.to_csv(p, index=False))
@@ -688,7 +701,9 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     # issue 18: the paper's comparison figures (eval/figures.py), named in report.json
     from eval.figures import write_figures
     drawn = write_figures(record_runs, metrics, out / "figures", figures, "TINY RANDOM MODELS - " if tiny else "")
-    summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "header": header, "bootstrap": dict(bootstrap),
+    # last: its index lists the figures and files written above; pages per image link the run folders' images
+    write_html_report(out, html_tables, metrics, detections, record_runs, stamp_lines, tiny)
+    summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "index": "index.html", "header": header, "bootstrap": dict(bootstrap),
                "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
     summary["figures"] = {name: figure.summary(out) for name, figure in drawn.items()}
     if (out / "attention").is_dir():
