@@ -9,7 +9,7 @@ white background; the requested box crop when undetected) is compared with each 
 segmented the same way once and cached, and the scores averaged over references. CLIP-T scores the whole
 image against the prompt. Nothing is NaN: an undetected subject has IoU 0 and ``detected=False``. Each row
 keeps the subject's region as scored (``region_rle``: SAM's mask as COCO RLE JSON; ``region_source``:
-``detection`` or ``requested_box``, None when no crop was scored), for the HTML report to show.
+``detection``, ``requested_box``, or ``none`` when no crop was scored), for the HTML report to show.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def score_image(record: dict, image: Image.Image, detector, segmenter, scorers, 
             "det_score": float(det_scores[c]) if c is not None else 0.0,
             # the region the identity scorers saw (an output, not a setting: it leaves eval_hash alone): SAM's mask
             # as COCO RLE, prompted by the detection or, for a missed subject (box_crop), by the requested box
-            "region_source": ("detection" if c is not None else "requested_box") if i in masks else None,
+            "region_source": ("detection" if c is not None else "requested_box") if i in masks else "none",
             "region_rle": mask_to_rle(masks[i]) if i in masks else None,
         }
         for k, name in enumerate(("det_x0", "det_y0", "det_x1", "det_y1")):

@@ -46,6 +46,8 @@ GALLERY_SCORES = {"iou": "mIoU", "clip_i": "CLIP-I", "dino": "DINO", "dreamsim":
 BOX_COLUMNS = {"requested": ("req_x0", "req_y0", "req_x1", "req_y1"), "detected": ("det_x0", "det_y0", "det_x1", "det_y1")}
 REGION_SOURCES = {"detection": "SAM mask prompted by its detection",
                   "requested_box": "missed: SAM mask prompted by its requested box"}
+NOT_SCORED = ("no region: no identity crop was scored (a missed subject under missed_subject=zero or exclude, or "
+              "no identity metric asked for)")
 NO_REGION = "no region stored (rows evaluated before regions were kept: re-run evaluate to see regions)"
 MASK_ALPHA = 110  # of 255: the mask overlay tints the image without hiding it
 
@@ -272,8 +274,9 @@ def image_pages(metrics: pd.DataFrame, detections: pd.DataFrame, record_runs: Se
     for p in pages:
         stems.setdefault((slug(p.method), slug(p.record["combination"]), str(p.record["seed"])), []).append(p)
     for (method, combination, seed), group in stems.items():
+        names = [slug(p.run_dir.name) for p in group]
         for k, p in enumerate(group):
-            stem = seed if len(group) == 1 else f"{seed}-{slug(p.run_dir.name)}-{k + 1}"
+            stem = seed if len(group) == 1 else f"{seed}-{names[k]}" if len(set(names)) == len(names) else f"{seed}-{names[k]}-{k + 1}"
             p.page = out / "images" / method / combination / f"{stem}.html"
     return pages
 
@@ -370,7 +373,7 @@ def remove_stale(out: Path, written: set[Path]) -> int:
             if path.is_file() and path not in written:
                 path.unlink()
                 removed += 1
-        for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        for d in [*sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)), root]:
             if not any(d.iterdir()):
                 d.rmdir()
     return removed
@@ -464,9 +467,7 @@ def write_html_report(out_dir, tables: Sequence[HtmlTable], metrics: pd.DataFram
                 subjects.append({
                     "name": s["name"], "phrase": s["phrase"], "role": s.get("role"), "colour": colour(i),
                     "region": href(crops[i], page_dir) if crops[i] else None,
-                    "region_note": REGION_SOURCES.get(source, source) if crops[i] else (
-                        "not scored (no identity crop under this evaluation's missed-subject policy)"
-                        if "region_source" in r else NO_REGION),
+                    "region_note": REGION_SOURCES.get(source, source) if crops[i] else NOT_SCORED if source == "none" else NO_REGION,
                     "references": [{"src": href(Path(ref).resolve(), page_dir), "name": Path(ref).name}
                                    for ref in s.get("references", [])],
                     "detected": r.get("detected")})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,45 @@ def subject_images():
         return images
     rng = np.random.default_rng(0)
     return [Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+
+
+# Headless Chromium (Debian's chromium + chromium-driver) for the browser tests. CI (.ci/run) installs it and sets
+# ANYMS_REQUIRE_BROWSER=1: there a missing browser fails instead of skipping.
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+BROWSER_REQUIRED = bool(os.environ.get("ANYMS_REQUIRE_BROWSER"))
+needs_browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER) and not BROWSER_REQUIRED,
+    reason="headless Chromium is not installed (apt-get install -y chromium chromium-driver; .ci/run installs it)")
+
+
+@pytest.fixture
+def browser():
+    """A headless Chromium driven by Selenium (tests using it are marked ``needs_browser``)."""
+    assert CHROMIUM and CHROMEDRIVER, "ANYMS_REQUIRE_BROWSER is set but chromium or chromedriver is not on PATH"
+    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager try to download a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    opts = Options()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=960,900",
+                "--disable-extensions", "--no-first-run", "--hide-scrollbars"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    driver.set_page_load_timeout(30)
+    driver.implicitly_wait(5)  # elements of a page still loading after a navigation
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="session")
+def reported_run(tmp_path_factory, tiny_eval_root):
+    """A synthetic run folder evaluated with the tiny evaluators and reported, HTML included
+    (synthetic_run.write_reported_run), once per session: copy it before changing it."""
+    from .synthetic_run import write_reported_run
+
+    return write_reported_run(tmp_path_factory.mktemp("reported") / "run", tiny_eval_root)

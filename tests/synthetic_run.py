@@ -91,3 +91,18 @@ def rewrite_record(run_dir: Path, method: str, image: str, **changes) -> None:
 
 def load(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def write_reported_run(run_dir: Path, tiny_eval_root: Path, methods=("anyms", "text_only")) -> Path:
+    """A run folder of random images for ``methods`` (2 combinations x 2 seeds each), evaluated with the tiny
+    evaluators and reported (tables, figures, HTML) into ``run_dir/report``, in this process."""
+    from eval.evaluate import run_evaluation
+    from eval.report import run_report
+
+    from .test_evaluate import eval_cfg
+
+    for method in methods:
+        write_run(run_dir, method)
+    run_evaluation(eval_cfg(run_dir, tiny_root=tiny_eval_root))
+    run_report([run_dir], run_dir / "report", {"samples": 20, "ap_samples": 5, "seed": 0})
+    return Path(run_dir)

@@ -7,7 +7,6 @@ done here by hand. Set ANYMS_STUDY_SCREENSHOT=1 to write docs/study_case.png (a 
 from __future__ import annotations
 
 import os
-import shutil
 import sqlite3
 from collections import Counter
 from pathlib import Path
@@ -19,38 +18,10 @@ from eval.study import store
 from eval.study.analysis import write_study_report
 from eval.study.build import load_study
 
-from .conftest import REPO
+from .conftest import REPO, needs_browser
 from .study_helpers import Server, run_study, write_study_run
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-# CI (.ci/run) installs Chromium and sets ANYMS_REQUIRE_BROWSER=1: there a missing browser fails instead of skipping
-REQUIRED = bool(os.environ.get("ANYMS_REQUIRE_BROWSER"))
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM and CHROMEDRIVER) and not REQUIRED,
-    reason="headless Chromium is not installed (apt-get install -y chromium chromium-driver; .ci/run installs it)")
-
-
-@pytest.fixture
-def browser():
-    assert CHROMIUM and CHROMEDRIVER, "ANYMS_REQUIRE_BROWSER is set but chromium or chromedriver is not on PATH"
-    os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager try to download a driver
-    from selenium import webdriver
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    opts = Options()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=960,900",
-                "--disable-extensions", "--no-first-run", "--hide-scrollbars"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    driver.set_page_load_timeout(30)
-    driver.implicitly_wait(5)  # elements of a page still loading after a navigation
-    try:
-        yield driver
-    finally:
-        driver.quit()
+pytestmark = needs_browser
 
 
 def _wait_path(driver, path: str) -> None:
