@@ -241,3 +241,22 @@ def test_sort_value(value, expected):
     from eval.html_report import sort_value
 
     assert sort_value(value) == expected
+
+
+def test_an_image_page_shows_its_attention_figures_or_says_why_not(tmp_path):
+    run = tmp_path / "run"
+    metrics, record_runs = hand_run(run, IMAGES)
+    out = run / "report"
+    for name in ("c01-seed0-anyms.png", "c01-seed0-methods.png"):  # as eval.attention names them
+        (out / "attention").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (30, 20), "white").save(out / "attention" / name)
+    record_runs[1][0]["attention_maps"] = "attention_maps/anyms/c01/1.npz"  # recorded, no figure drawn
+    write(out, metrics, record_runs)
+    page = (out / "images/anyms/c01/0.html").read_text()
+    assert 'src="../../../attention/c01-seed0-anyms.png"' in page and 'src="../../../attention/c01-seed0-methods.png"' in page
+    assert "the report drew no figure of this image" in (out / "images/anyms/c01/1.html").read_text()
+    index = (out / "index.html").read_text()
+    assert index.index("attention/c01-seed0-methods.png") < index.index("attention/c01-seed0-anyms.png")
+    del record_runs[1][0]["attention_maps"]
+    write(out, metrics, record_runs)
+    assert "No attention maps were recorded for this image" in (out / "images/anyms/c01/1.html").read_text()
