@@ -66,7 +66,7 @@ class HtmlTable:
     @property
     def numeric(self) -> list[bool]:
         """Per column, whether its cells are numbers (their header is right-aligned with them)."""
-        return [any(r[c][2] for r in self.rows) for c in range(len(self.headers))]
+        return [any(r[c][2] for r in self.rows) for c in range(len(self.headers))]  # n/a cells align with them too
 
 
 def sort_value(value: Any) -> str:
@@ -183,7 +183,8 @@ def markdown_blocks(md: str) -> list[dict]:
                 if not all(re.fullmatch(r":?-+:?", c) for c in cells):  # the |---| rule
                     rows.append(cells)
                 i += 1
-            blocks.append({"kind": "table", "headers": rows[0], "rows": rows[1:]})
+            numeric = [any(is_number(r[k].split(" [")[0]) for r in rows[1:] if k < len(r)) for k in range(len(rows[0]))]
+            blocks.append({"kind": "table", "headers": rows[0], "rows": rows[1:], "numeric": numeric})
         else:
             para = []
             while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith(("|", "#")):
@@ -501,7 +502,7 @@ def write_html_report(out_dir, tables: Sequence[HtmlTable], metrics: pd.DataFram
         for page in group:
             combos.setdefault(str(page.record["combination"]), []).append({
                 "href": href(page.page, gallery[method].parent), "src": href(page.image_file, gallery[method].parent),
-                "seed": page.record["seed"], "scores": gallery_scores(page),
+                "seed": page.record["seed"], "scores": gallery_scores(page), "prompt": page.record.get("prompt", ""),
                 "missed": page.detected < len(page.rows)})
         render("method.html.j2", gallery[method], written, **common, root="../", method=method, combinations=combos,
                count=len(group), index="../index.html")
