@@ -96,7 +96,7 @@ def peak_rss_of_evaluate(run_dir: Path, tiny_root: Path, repo: Path = REPO) -> d
 
 
 def measure(counts=IMAGE_COUNTS, size: int = 1024, workdir: Path | None = None, repo: Path = REPO) -> dict:
-    from benchmarks.evaluate import cache_root
+    from benchmarks.common import cache_root
     from eval.tiny_evaluators import write_tiny_evaluators
 
     tiny_root = write_tiny_evaluators(cache_root() / "tiny_eval")

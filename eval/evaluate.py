@@ -58,7 +58,8 @@ def eval_identity(eval_cfg: DictConfig) -> dict:
     """What of the evaluation config decides the numbers (not devices or progress bars)."""
     # where things run or live, and the report's settings, do not change the scores
     return runfolder.config_identity(
-        eval_cfg, drop=("device", "torch_threads", "bootstrap", "prepare", "tiny_root", "weights_dir"))
+        eval_cfg, drop=("device", "torch_threads", "bootstrap", "prepare", "tiny_root", "weights_dir"),
+        locations=("weights_dir",))
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:

@@ -80,8 +80,8 @@ def method_class(method_cfg: DictConfig):
 
 def _hashable(node: DictConfig, model_cfg: DictConfig | None) -> dict:
     """A config node as plain data for hashing, resolved against the run's config with a tiny model's
-    ``tiny_root`` replaced by a placeholder first (tiny models are fully determined by the code that writes them,
-    wherever they live; a method's weight table may point into ``${model.tiny_root}``)."""
+    ``tiny_root`` and the ``paths`` group replaced by placeholders first (tiny models are fully determined by the
+    code that writes them, wherever they live; a method's weight table may point into ``${model.tiny_root}``)."""
     root = node._get_root()
     raw = OmegaConf.to_container(root, resolve=False) if root is not node else {}
     raw.pop("hydra", None)
@@ -90,6 +90,8 @@ def _hashable(node: DictConfig, model_cfg: DictConfig | None) -> dict:
     raw["_node_"] = OmegaConf.to_container(node, resolve=False)
     if (raw.get("model") or {}).get("tiny"):
         raw["model"]["tiny_root"] = "<tiny_root>"
+    if "paths" in raw:  # where caches and weights live decides no image
+        raw["paths"] = runfolder.path_placeholders(node)
     return OmegaConf.to_container(OmegaConf.create(raw)["_node_"], resolve=True)
 
 
