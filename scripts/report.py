@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.out_dir)
     log.info(f"report: {', '.join(summary['files'])}\n  in {out_dir}"
              + ("\n  TINY RANDOM MODELS: these numbers check plumbing, not quality" if summary["tiny"] else ""))
-    log.info("\n" + (out_dir / "table1.md").read_text())  # Table 1 last, then where to open the whole report
+    log.info("\n" + (out_dir / "table1.md").read_text().strip())  # Table 1 last, then where to open the whole report
     index = out_dir / summary.get("index", "index.html")
     if index.is_file():
         log.info(f"{index}")
