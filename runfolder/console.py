@@ -2,7 +2,7 @@
 libraries' loading bars, INFO lines and deprecation notices.
 
 Each script calls :func:`quiet_libraries` first thing in its Hydra ``main`` and runs its work inside
-:func:`stage_console`. What reaches the console and the log file is set by ``conf/hydra/job_logging/stage.yaml``:
+:func:`stage_console` (all but the study's commands, which draw no progress bar). What reaches the console and the log file is set by ``conf/hydra/job_logging/stage.yaml``:
 the root logger at WARNING (libraries that log INFO straight on it, as open_clip does, stay quiet), our packages'
 loggers (``anyms``, ``eval``, ``runfolder``, ``scripts``) at INFO, the console showing just the message
 (:class:`ConsoleFormatter`), the file ``<hydra output dir>/<job>.log`` with time, logger and level.
