@@ -28,6 +28,15 @@ REPO = Path(__file__).resolve().parents[1]
 EXACT_RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def cache_root() -> Path:
+    """Where the benchmarks write their random checkpoints: the stages' cache (``paths.cache_dir`` of
+    conf/paths/default.yaml: $ANYMS_CACHE, else ~/.cache/anyms), read from that file so there is one rule."""
+    from omegaconf import OmegaConf
+
+    root = Path(OmegaConf.load(REPO / "conf" / "paths" / "default.yaml").cache_dir)
+    return root if root.is_absolute() else REPO / root
+
+
 # ------------------------------------------------------------------------------------------- timing
 
 

@@ -4,7 +4,7 @@ The evaluators are the real classes of ``eval/`` with the real architectures and
 is downloaded): GroundingDINO SwinT (transformers' ``GroundingDinoForObjectDetection`` with the config of
 ``IDEA-Research/grounding-dino-tiny``, image processor at 800/1333 px), SAM ViT-H, CLIP ViT-B/32, DINO
 ViT-S/16 and DreamSim's ensemble (three ViT-B/16). CLIP, DINO and DreamSim are written once as random
-checkpoints under ``$ANYMS_CACHE/bench_evaluators`` (default ``.cache/anyms``) and loaded by the scorers'
+checkpoints under ``<paths.cache_dir>/bench_evaluators`` ($ANYMS_CACHE, else ``~/.cache/anyms``) and loaded by the scorers'
 own loading code; GroundingDINO and SAM are built in memory and put into the real detector and segmenter
 classes (only their file loading is skipped).
 
@@ -33,7 +33,6 @@ lower bound of generation, so the ratio is an upper bound.
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -41,18 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import REPO, log, resolve_device
+from benchmarks.common import REPO, cache_root, log, resolve_device
 from eval.grounding import Detection, Detector, HFGroundingDino, SamSegmenter
 
 STEPS = 30  # the paper's denoising steps
 IMAGE_SIZE = 1024
 SUBJECT_COUNTS = (2, 3, 5, 7)
 RANDOM_NOTE = "real-size architectures with random weights (fine for timing)"
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("ANYMS_CACHE", REPO / ".cache" / "anyms"))
-    return root if root.is_absolute() else REPO / root
 
 
 # ------------------------------------------------------------------------------------------- evaluators

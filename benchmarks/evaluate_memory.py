@@ -91,12 +91,13 @@ def peak_rss_of_evaluate(run_dir: Path, tiny_root: Path, repo: Path = REPO) -> d
         text = out.read().decode(errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"evaluate failed ({proc.returncode}):\n{text[-3000:]}")
-    summary = next((line for line in text.splitlines() if line.startswith("evaluate:")), "")
+    # the summary line (the first "evaluate:" line names the evaluators)
+    summary = next((line for line in text.splitlines() if line.startswith("evaluate:") and "scored" in line), "")
     return {"peak_rss_bytes": int(usage.ru_maxrss) * 1024, "seconds": time.perf_counter() - start, "summary": summary}
 
 
 def measure(counts=IMAGE_COUNTS, size: int = 1024, workdir: Path | None = None, repo: Path = REPO) -> dict:
-    from benchmarks.evaluate import cache_root
+    from benchmarks.common import cache_root
     from eval.tiny_evaluators import write_tiny_evaluators
 
     tiny_root = write_tiny_evaluators(cache_root() / "tiny_eval")

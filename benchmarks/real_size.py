@@ -1,7 +1,7 @@
 """``make check-real-size``: the paper's models at their real architectures, with random weights, through the
 whole generation and evaluation path, before anyone pays for GPU hours.
 
-1. **write** (once, under ``$ANYMS_CACHE/real_size``, default ``.cache/anyms``): SDXL base 1.0, IP-Adapter Plus
+1. **write** (once, under ``<paths.cache_dir>/real_size``: $ANYMS_CACHE, else ``~/.cache/anyms``): SDXL base 1.0, IP-Adapter Plus
    SDXL with its ViT-H/14 image encoder, MS-Diffusion's ``ms_adapter.bin`` at the released resampler sizes with
    the CLIP ViT-bigG/14 model, GroundingDINO SwinT and SAM ViT-H, in the hub repos' layouts
    (:mod:`benchmarks.real_size_models`); CLIP ViT-B/32, DINOv2 ViT-S/14 and DreamSim's ensemble as
@@ -37,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: the repository's root on the path, as for `python -m`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import REPO, device_name, fmt_bytes, log, resolve_device  # noqa: E402
+from benchmarks.common import REPO, cache_root, device_name, fmt_bytes, log, resolve_device  # noqa: E402
 
 BENCHMARK = "real_size"  # conf/benchmark/real_size.yaml
 METHODS = ("anyms", "ms_diffusion")
@@ -46,11 +46,6 @@ SIZE = 1024
 STAGE_REPORT_ENV = "ANYMS_REAL_SIZE_STAGE_REPORT"
 TAIL_CHARS = 4000
 IDENTITY_METRICS = ("clip_i", "dino", "dreamsim", "clip_t", "iou")
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("ANYMS_CACHE", ".cache/anyms"))
-    return root if root.is_absolute() else REPO / root
 
 
 class CheckFailed(RuntimeError):
@@ -402,7 +397,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="generation dtype: auto (fp16 on CUDA, bf16 on CPU), bf16, fp16, fp32")
     parser.add_argument("--run-dir", help="the run folder (default: a new temporary folder)")
-    parser.add_argument("--root", help="where the random models are written (default: $ANYMS_CACHE/real_size)")
+    parser.add_argument("--root", help="where the random models are written (default: <paths.cache_dir>/real_size)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="results folder; '' writes none")
     parser.add_argument("--tiny", action="store_true", help="tiny architectures through the same stages (tests)")
     parser.add_argument("--write", action="store_true", help=argparse.SUPPRESS)

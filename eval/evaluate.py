@@ -60,7 +60,33 @@ def eval_identity(eval_cfg: DictConfig) -> dict:
     """What of the evaluation config decides the numbers (not devices or progress bars)."""
     # where things run or live, and the report's settings, do not change the scores
     return runfolder.config_identity(
-        eval_cfg, drop=("device", "torch_threads", "bootstrap", "prepare", "tiny_root", "weights_dir"))
+        eval_cfg, drop=("device", "torch_threads", "bootstrap", "prepare", "tiny_root", "weights_dir"),
+        locations=("weights_dir",))
+
+
+def evaluator_line(eval_cfg: DictConfig) -> str:
+    """The evaluate stage's first line: which evaluators score this run (``eval=tiny``'s are random)."""
+    name = eval_cfg.get("name")
+    if eval_cfg.get("tiny"):
+        return f"evaluate: eval={name} (tiny random evaluators: plumbing only)"
+
+    def value(key: str):
+        return OmegaConf.select(eval_cfg, key, default=None)
+
+    clip = "/".join(str(v) for v in (value("scorers.clip.model_name"), value("scorers.clip.pretrained")) if v)
+    return (f"evaluate: eval={name} (GroundingDINO {value('detector.model_id_or_path')}, SAM {value('segmenter.model_type')}, "
+            f"CLIP {clip}, DINO {value('scorers.dino.model')}, DreamSim {value('scorers.dreamsim.dreamsim_type')})")
+
+
+def warn_tiny_evaluators_on_real_images(eval_cfg: DictConfig, records: Sequence[dict]) -> None:
+    """A run of real models scored by random evaluators gives noise: said once, naming the models."""
+    if not eval_cfg.get("tiny"):
+        return
+    real = sorted({str((r.get("model") or {}).get("name", "?")) for r in records if not (r.get("model") or {}).get("tiny")})
+    if real:
+        log.warning("these images come from %s, not tiny models, but eval=%s scores them with tiny random evaluators: "
+                    "the numbers check plumbing only; eval=default scores them with the real evaluators",
+                    ", ".join(real), eval_cfg.get("name"))
 
 
 def check_metrics(names: Sequence[str]) -> list[str]:
@@ -410,6 +436,7 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
     if not records:
         raise EvaluationError(f"{run_dir}: no records in {run_dir / runfolder.RECORDS}; run generate (or import) first")
     check_benchmark_protocol(cfg.eval, records)
+    warn_tiny_evaluators_on_real_images(cfg.eval, records)
     eval_hash = runfolder.config_hash(eval_identity(cfg.eval))
 
     @lru_cache(maxsize=None)

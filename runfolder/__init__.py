@@ -274,19 +274,36 @@ def write_folder_once(root: str | os.PathLike, write, note: str) -> Path:
     return root
 
 
-def config_identity(cfg, drop: tuple[str, ...] = ()) -> dict:
+def config_identity(cfg, drop: tuple[str, ...] = (), locations: tuple[str, ...] = ()) -> dict:
     """A config as plain data, for hashing what decides a result: ``drop`` keys (devices, caches) removed,
     and a tiny config's ``tiny_root`` replaced by a placeholder before resolving, since tiny models are fully
-    determined by the code that writes them, wherever they live."""
+    determined by the code that writes them, wherever they live; so are the ``locations`` keys (folders that
+    files are read from, e.g. ``weights_dir``) and ``${paths.*}`` (conf/paths: where caches and weights live,
+    :func:`path_placeholders`): moving a cache or a weights folder changes no hash."""
     from omegaconf import OmegaConf
 
     raw = OmegaConf.to_container(cfg, resolve=False)
     if raw.get("tiny"):
         raw["tiny_root"] = "<tiny_root>"
-    plain = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    for key in locations:
+        if key in raw:
+            raw[key] = f"<{key}>"
+    scope = {"_node_": raw}  # resolved under a root whose only other key is the placeholder `paths`
+    paths = path_placeholders(cfg)
+    if paths:
+        scope["paths"] = paths
+    plain = OmegaConf.to_container(OmegaConf.create(scope), resolve=True)["_node_"]
     for key in drop:
         plain.pop(key, None)
     return plain
+
+
+def path_placeholders(cfg) -> dict:
+    """``{"cache_dir": "<paths.cache_dir>", ...}``: one placeholder per key of the ``paths`` group of the config
+    ``cfg`` belongs to (none when its root has no ``paths``)."""
+    root = cfg._get_root()
+    paths = root.get("paths") if "paths" in root else None
+    return {key: f"<paths.{key}>" for key in paths} if paths is not None else {}
 
 
 WANDB_TAG_MAX = 64  # W&B refuses longer tags

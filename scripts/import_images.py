@@ -4,6 +4,7 @@
     python scripts/evaluate.py run_dir=runs/anyms11-mudi
 """
 
+import logging
 import sys
 
 import hydra
@@ -13,17 +14,22 @@ import runfolder
 
 from anyms.benchmark import BenchmarkConfigError
 from anyms.generation.importer import import_images
+from runfolder.console import quiet_libraries, stage_console
+
+log = logging.getLogger("scripts.import_images")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import")
 def main(cfg: DictConfig) -> None:
+    quiet_libraries()
     try:
-        summary = import_images(cfg.source, cfg.import_method, cfg.benchmark, cfg.data_root, cfg.run_dir, cfg.pattern,
-                                cfg.strict, overwrite=bool(cfg.overwrite))
+        with stage_console():
+            summary = import_images(cfg.source, cfg.import_method, cfg.benchmark, cfg.data_root, cfg.run_dir,
+                                    cfg.pattern, cfg.strict, overwrite=bool(cfg.overwrite))
     except BenchmarkConfigError as err:
         raise SystemExit(f"import: {err}") from None
-    print(f"import {summary.method}: {len(summary.imported)} image(s) into {summary.run_dir}"
-          + (f"; {len(summary.missing)} missing, e.g. {summary.missing[:3]}" if summary.missing else ""))
+    log.info(f"import {summary.method}: {len(summary.imported)} image(s) into {summary.run_dir}"
+             + (f"; {len(summary.missing)} missing, e.g. {summary.missing[:3]}" if summary.missing else ""))
 
 
 def method_argument(argv: list[str]) -> list[str]:

@@ -7,12 +7,14 @@
     python scripts/study.py report study_dir=runs/anyms11-tiny/study         # -> report/table3.*, agreement.*
 """
 
+import logging
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 COMMANDS = ("build", "serve", "export", "report")
+log = logging.getLogger("scripts.study")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
@@ -21,7 +23,9 @@ def main(cfg: DictConfig) -> None:
     from eval.study.store import StoreError
 
     import runfolder
+    from runfolder.console import quiet_libraries
 
+    quiet_libraries()
     try:
         if str(cfg.study_dir).startswith("None/"):
             raise StudyError("give study_dir=... (or run_dir=..., whose study/ folder is the default)")
@@ -35,9 +39,9 @@ def main(cfg: DictConfig) -> None:
                                 list(cfg.methods) if cfg.methods else None, int(cfg.seed), str(cfg.name),
                                 bool(cfg.overwrite))
             counts = sorted({c["n_subjects"] for c in study["cases"]})
-            print(f"study: {study['n_cases']} cases ({', '.join(map(str, counts))} subjects), methods "
-                  f"{', '.join(study['methods'])}\n  in {cfg.study_dir}\n  serve it: python scripts/study.py serve "
-                  f"study_dir={cfg.study_dir}")
+            log.info(f"study: {study['n_cases']} cases ({', '.join(map(str, counts))} subjects), methods "
+                     f"{', '.join(study['methods'])}\n  in {cfg.study_dir}\n  serve it: python scripts/study.py serve "
+                     f"study_dir={cfg.study_dir}")
         elif cfg.command == "serve":
             from eval.study.app import serve
 
@@ -46,12 +50,12 @@ def main(cfg: DictConfig) -> None:
             from eval.study.store import export_csv
 
             n = export_csv(cfg.study_dir, cfg.export_csv, bool(cfg.include_superseded))
-            print(f"study: {n} votes -> {cfg.export_csv}")
+            log.info(f"study: {n} votes -> {cfg.export_csv}")
         elif cfg.command == "report":
             from eval.study.analysis import write_study_report
 
             files = write_study_report(cfg.study_dir, cfg.out_dir, int(cfg.bootstrap.samples), int(cfg.bootstrap.seed))
-            print(f"study report: {', '.join(files)}\n  in {cfg.out_dir}")
+            log.info(f"study report: {', '.join(files)}\n  in {cfg.out_dir}")
         else:
             raise StudyError(f"command must be one of {', '.join(COMMANDS)}, got {cfg.command!r}")
     except (StudyError, StoreError, runfolder.RunFolderError) as err:

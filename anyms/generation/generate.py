@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 import runfolder
 from anyms.core.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
+from anyms.core.layout import LayoutWarning
 from anyms.methods.base import GenerationConfigError, GenerationSettings, ModelLoadError, check_local_paths
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
@@ -80,8 +82,8 @@ def method_class(method_cfg: DictConfig):
 
 def _hashable(node: DictConfig, model_cfg: DictConfig | None) -> dict:
     """A config node as plain data for hashing, resolved against the run's config with a tiny model's
-    ``tiny_root`` replaced by a placeholder first (tiny models are fully determined by the code that writes them,
-    wherever they live; a method's weight table may point into ``${model.tiny_root}``)."""
+    ``tiny_root`` and the ``paths`` group replaced by placeholders first (tiny models are fully determined by the
+    code that writes them, wherever they live; a method's weight table may point into ``${model.tiny_root}``)."""
     root = node._get_root()
     raw = OmegaConf.to_container(root, resolve=False) if root is not node else {}
     raw.pop("hydra", None)
@@ -90,6 +92,8 @@ def _hashable(node: DictConfig, model_cfg: DictConfig | None) -> dict:
     raw["_node_"] = OmegaConf.to_container(node, resolve=False)
     if (raw.get("model") or {}).get("tiny"):
         raw["model"]["tiny_root"] = "<tiny_root>"
+    if "paths" in raw:  # where caches and weights live decides no image
+        raw["paths"] = runfolder.path_placeholders(node)
     return OmegaConf.to_container(OmegaConf.create(raw)["_node_"], resolve=True)
 
 
@@ -281,34 +285,68 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
     prov = runfolder.provenance()
     start = time.perf_counter()
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
-    for n, (combo, seed, rel, h) in enumerate(bar):
-        bar.set_postfix_str(f"{combo.id} seed {seed}")
-        result = pipeline(combo.prompt, combo.layout, seed, settings, record=record)
-        runfolder.save_png(result.image, run_dir / rel)
-        maps = {"image_sha256": file_digest(run_dir / rel)}
-        if result.attention_maps is not None:
-            maps["attention_maps"] = attention_maps_path(rel)
-            save_attention_maps(result.attention_maps, run_dir / maps["attention_maps"])
-        grids = pipeline.cross_attention_grids(result.image.height, result.image.width)
-        runfolder.append_record(records, {**maps,
-            "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
-            "benchmark": str(cfg.benchmark.name), "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
-            "subjects": [
-                {"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box), "scale": s.scale,
-                 "references": [str(p) for p in refs]}
-                for s, refs in zip(combo.layout, combo.references)
-            ],
-            "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
-            # what decides the images besides the model: the report splits or refuses rows that differ here
-            "settings": {"method": method_ids,
-                         "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
-            "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
-            "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
-            "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},
-            "created": time.time(),
-        })
-        summary.generated.append(rel)
+    with LayoutWarningLog() as layout_warnings:
+        for n, (combo, seed, rel, h) in enumerate(bar):
+            bar.set_postfix_str(f"{combo.id} seed {seed}")
+            layout_warnings.combination = combo.id
+            result = pipeline(combo.prompt, combo.layout, seed, settings, record=record)
+            runfolder.save_png(result.image, run_dir / rel)
+            maps = {"image_sha256": file_digest(run_dir / rel)}
+            if result.attention_maps is not None:
+                maps["attention_maps"] = attention_maps_path(rel)
+                save_attention_maps(result.attention_maps, run_dir / maps["attention_maps"])
+            grids = pipeline.cross_attention_grids(result.image.height, result.image.width)
+            runfolder.append_record(records, {**maps,
+                "image": rel, "combination": combo.id, "method": method, "seed": int(seed), "prompt": combo.prompt,
+                "benchmark": str(cfg.benchmark.name), "n_subjects": len(combo.layout), "width": result.image.width, "height": result.image.height,
+                "subjects": [
+                    {"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box), "scale": s.scale,
+                     "references": [str(p) for p in refs]}
+                    for s, refs in zip(combo.layout, combo.references)
+                ],
+                "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
+                # what decides the images besides the model: the report splits or refuses rows that differ here
+                "settings": {"method": method_ids,
+                             "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
+                "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
+                "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
+                "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},
+                "created": time.time(),
+            })
+            summary.generated.append(rel)
     summary.seconds = time.perf_counter() - start
+
+
+class LayoutWarningLog:
+    """Inside: the method core's :class:`~anyms.core.layout.LayoutWarning` (a subject left without a token at a
+    grid) logged as a warning naming the combination, once per (combination, grid) in this run (the core warns
+    once per layout and grid, but a multirun's next job would be silenced by Python's once-per-place rule), and
+    not printed as a Python warning; other warnings pass through as they would. Set ``combination`` before each
+    image."""
+
+    def __init__(self):
+        self.combination: str | None = None
+        self._seen: set[tuple[str | None, str]] = set()
+        self._catch = warnings.catch_warnings()
+
+    def __enter__(self) -> "LayoutWarningLog":
+        self._catch.__enter__()  # restores the filters and warnings.showwarning on exit
+        warnings.simplefilter("always", LayoutWarning)  # each one reaches show(); _seen is the once-rule
+        shown_elsewhere = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not issubclass(category, LayoutWarning):
+                return shown_elsewhere(message, category, filename, lineno, file, line)
+            key = (self.combination, str(message))
+            if key not in self._seen:
+                self._seen.add(key)
+                log.warning("%s: %s", self.combination, message)
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._catch.__exit__(*exc)
 
 
 def remove_stale_temporary_files(run_dir: Path, method: str, shard, work) -> int:

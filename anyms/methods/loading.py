@@ -9,7 +9,6 @@ checkpoint) it loads itself (see :mod:`anyms.methods.base`).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -83,6 +82,3 @@ def load_base(model: Mapping) -> tuple:
                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return pipe, dev
 
-
-def tiny_root_default() -> str:
-    return str(Path(os.environ.get("ANYMS_CACHE", ".cache/anyms")) / "tiny")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import random
 import re
@@ -29,6 +30,8 @@ from flask import Flask, abort, redirect, render_template_string, request, send_
 
 from . import store
 from .build import FILES, load_study
+
+log = logging.getLogger(__name__)
 
 CODE = re.compile(r"^[A-Za-z0-9_-]{2,32}$")
 SECRET_FILE = ".secret_key"
@@ -272,8 +275,8 @@ def create_app(study_dir: str | os.PathLike) -> Flask:
 
 def serve(study_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000) -> None:
     app = create_app(study_dir)
-    print(f"study: serving {study_dir} at http://{host}:{port}/ (Ctrl-C stops; votes are in "
-          f"{Path(str(study_dir)) / store.VOTES_FILE})", flush=True)
+    log.info("study: serving %s at http://%s:%s/ (Ctrl-C stops; votes are in %s)", study_dir, host, port,
+             Path(str(study_dir)) / store.VOTES_FILE)
     try:
         app.run(host=host, port=int(port), threaded=True, debug=False, use_reloader=False)
     except OSError as err:  # the port taken, or a host this machine does not have
