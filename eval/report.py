@@ -704,7 +704,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     # last: its index lists the figures and files written above; pages per image link the run folders' images
     write_html_report(out, html_tables, metrics, detections, record_runs, stamp_lines, tiny)
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "index": "index.html", "header": header, "bootstrap": dict(bootstrap),
-               "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir()} | {"report.json"})}
+               "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir() if p.is_file()} | {"report.json"}),
+               "folders": sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs")}
     summary["figures"] = {name: figure.summary(out) for name, figure in drawn.items()}
     if (out / "attention").is_dir():
         summary["attention_figures"] = sorted(p.name for p in (out / "attention").glob("*.png"))

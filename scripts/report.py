@@ -35,8 +35,8 @@ def main(cfg: DictConfig) -> None:
              + ("\n  TINY RANDOM MODELS: these numbers check plumbing, not quality" if summary["tiny"] else ""))
     log.info("\n" + (out_dir / "table1.md").read_text().strip())  # Table 1 last, then where to open the whole report
     index = out_dir / summary.get("index", "index.html")
-    if index.is_file():
-        log.info(f"{index}")
+    if index.is_file():  # absolute: the line is for pasting into a browser
+        log.info(f"report page: {index.resolve()}")
 
 
 if __name__ == "__main__":

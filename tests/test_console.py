@@ -55,8 +55,6 @@ def staged_run(tmp_path_factory, tiny_root, tiny_eval_root):
     gen = run_stage("generate.py", "benchmark=anyms11", f"benchmark.only={COMBINATIONS}", "benchmark.seeds=[0,1]",
                     "model=tiny", f"model.tiny_root={tiny_root}", f"data_root={DATA}", *common, cwd=run_dir.parent)
     ev = run_stage("evaluate.py", "eval=tiny", f"eval.tiny_root={tiny_eval_root}", *common, cwd=run_dir.parent)
-    (run_dir / "report").mkdir()
-    (run_dir / "report" / "index.html").write_text("<html></html>")  # the report's page (written by the report)
     rep = run_stage("report.py", "bootstrap.samples=20", "bootstrap.ap_samples=20", *common, cwd=run_dir.parent)
     return run_dir, gen, ev, rep
 
@@ -98,7 +96,7 @@ def test_evaluate_names_its_evaluators_first_and_report_ends_with_table1_then_th
     assert ev.stdout.splitlines()[0] == "evaluate: eval=tiny (tiny random evaluators: plumbing only)"
     assert "not tiny models" not in ev.stdout  # tiny images, tiny evaluators: nothing to warn about
     lines = rep.stdout.strip().splitlines()
-    assert lines[-1] == str(run_dir / "report" / "index.html")
+    assert lines[-1] == f"report page: {(run_dir / 'report' / 'index.html').resolve()}"
     table1 = (run_dir / "report" / "table1.md").read_text().strip().splitlines()
     assert lines[-1 - len(table1):-1] == table1  # just before the page: Table 1, whole
 
