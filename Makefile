@@ -41,8 +41,8 @@ EVAL ?= tiny
 evaluate: setup ## a run folder's metrics (run_dir=, default the smoke run; eval=tiny unless eval=default)
 	$(PY) scripts/evaluate.py run_dir=$(if $(value run_dir),$(value run_dir),$(RUN_DIR)) eval=$(if $(value eval),$(value eval),$(EVAL)) $(ARGS)
 
-# Table 1, Table 2, Fig. 4 of a run folder into <run_dir>/report/
-report: setup ## Table 1, Table 2, Fig. 4 of a run folder into <run_dir>/report/ (run_dir=)
+# Tables 1-2, Fig. 4, the comparison figures and index.html of a run folder into <run_dir>/report/
+report: setup ## tables, figures and index.html of a run folder into <run_dir>/report/ (run_dir=)
 	$(PY) scripts/report.py run_dir=$(if $(value run_dir),$(value run_dir),$(RUN_DIR)) $(ARGS)
 
 # generate -> evaluate -> report on the smoke benchmark with the tiny models (about a minute)
@@ -60,7 +60,7 @@ PROFILE_SEEDS_paper := 0-99
 PROFILE_EVAL_paper := default
 B_MODEL = $(PROFILE_MODEL_$(PROFILE))
 B_RUN ?= runs/anyms11-$(B_MODEL)
-benchmark: setup ## the whole protocol: every method, 11 combinations -> tables (PROFILE=tiny | paper)
+benchmark: setup ## the whole protocol: every method, 11 combinations -> tables, figures, report/index.html (PROFILE=tiny | paper)
 	@[ -n "$(B_MODEL)" ] || { echo "make benchmark: PROFILE must be tiny or paper, got '$(PROFILE)'"; exit 2; }
 	$(PY) scripts/generate.py -m +experiment=table1 model=$(B_MODEL) benchmark.seeds=$(PROFILE_SEEDS_$(PROFILE)) run_dir=$(B_RUN) $(ARGS)
 	$(PY) scripts/evaluate.py run_dir=$(B_RUN) eval=$(PROFILE_EVAL_$(PROFILE))
