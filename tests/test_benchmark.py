@@ -112,6 +112,15 @@ def test_make_benchmark_tiny_profile_end_to_end(tmp_path):
     assert (table2["n_images"] == 14).all()  # the 7 combinations with 3+ subjects
     assert "TINY RANDOM MODELS" in (run / "report" / "table1.md").read_text()
     assert (run / "report" / "fig4.png").stat().st_size > 10_000
+    # issue 18's acceptance: it ends by printing Table 1, then the page to open
+    lines = out.stdout.strip().splitlines()
+    index = run / "report" / "index.html"
+    assert lines[-1] == f"report page: {index.resolve()}" and index.is_file()
+    table1_md = (run / "report" / "table1.md").read_text().strip().splitlines()
+    assert lines[-1 - len(table1_md):-1] == table1_md
+    for figure in ("comparison", "ablation", "combinations"):
+        assert (run / "report" / "figures" / f"{figure}.png").is_file()
+    assert len(list((run / "report" / "images").rglob("*.html"))) == 9 * 22  # a page per image
 
 
 @needs_data
