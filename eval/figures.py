@@ -252,10 +252,12 @@ def numbered(image: Image.Image, boxes: Sequence[Sequence[float]], area: Rect) -
     return image
 
 
-@lru_cache(maxsize=128)
+@lru_cache(maxsize=None)
 def reference_thumbnail(path: str) -> Image.Image | None:
     """The reference (``load_reference``: 16-bit and alpha handled) reduced to a cell; None, logged, when it
-    cannot be read here (a report made on another machine than the images)."""
+    cannot be read here (a report made on another machine than the images). Cached for one
+    :func:`write_figures` call (a reference appears in many rows), emptied after it, so a later report of the
+    process reads the file again."""
     try:
         reference = load_reference(path)
     except ReferenceImageError as err:
@@ -479,8 +481,13 @@ def write_figures(record_runs: Sequence[tuple[dict, object]], metrics: pd.DataFr
     """comparison.png, ablation.png (when 2+ of its methods are in the report) and combinations.png in
     ``out_dir``. ``record_runs``: (record, its run folder) pairs as ``run_report`` builds them (``method`` the
     report's row label); ``metrics``: the report's metrics (image names as ``run_report`` keys them)."""
-    cfg = dict(figures_cfg or {})
-    out_dir = Path(out_dir)
+    try:
+        return _write_figures(record_runs, metrics, Path(out_dir), dict(figures_cfg or {}), title_prefix)
+    finally:
+        reference_thumbnail.cache_clear()
+
+
+def _write_figures(record_runs, metrics: pd.DataFrame, out_dir: Path, cfg: dict, title_prefix: str) -> dict[str, Figure]:
     if not record_runs:
         return {}
     made: dict[str, set[tuple[str, int]]] = {}

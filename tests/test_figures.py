@@ -79,6 +79,21 @@ def test_the_three_figures_have_a_row_per_pair_and_a_column_per_method(tmp_path)
     assert Image.open(sheet.path).width == 2 * (figures.CELL + figures.PAD) + figures.PAD
 
 
+def test_a_reference_replaced_between_two_reports_is_drawn_anew(tmp_path):
+    record_runs, metrics = report_inputs(tmp_path, ["anyms"], combos=("c01",), seeds=(0,))
+    reference = tmp_path / "ref.png"
+    for record, _ in record_runs:
+        for subject in record["subjects"]:
+            subject["references"] = [str(reference)]
+    sheets = []
+    for colour_now in ("red", "blue"):  # the same path, new content
+        Image.new("RGB", (64, 64), colour_now).save(reference)
+        drawn = figures.write_figures(record_runs, metrics, tmp_path / colour_now, {"samples": 1})
+        sheets.append(np.asarray(Image.open(drawn["combinations"].path).convert("RGB")))
+    assert not np.array_equal(sheets[0], sheets[1])
+    assert figures.reference_thumbnail.cache_info().currsize == 0  # nothing held after a report
+
+
 def test_an_ablation_with_one_of_its_methods_is_skipped_with_the_reason(tmp_path):
     record_runs, metrics = report_inputs(tmp_path, ["anyms", "gligen"], combos=("c01",), seeds=(0,))
     drawn = figures.write_figures(record_runs, metrics, tmp_path / "figures", {})
