@@ -36,7 +36,7 @@ from PIL import Image
 
 import runfolder
 from eval.grounding import rle_to_mask, subject_crop
-from eval.published import benchmark_of, published_markdown
+from eval.published import benchmark_of, published_section
 from runfolder.pictures import colour
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -154,43 +154,15 @@ def cell(value: Any) -> str:
     return str(value)
 
 
-def flatten(obj: Any, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
-def markdown_blocks(md: str) -> list[dict]:
-    """The few Markdown constructs of the published sections (eval/published.py) as blocks for the page: a
-    ``## `` heading, pipe tables, paragraphs. Their text stays text (escaped by the template)."""
-    blocks: list[dict] = []
-    lines = md.strip().splitlines()
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        if not line:
-            i += 1
-        elif line.startswith("#"):
-            blocks.append({"kind": "heading", "text": line.lstrip("#").strip()})
-            i += 1
-        elif line.startswith("|"):
-            rows = []
-            while i < len(lines) and lines[i].strip().startswith("|"):
-                cells = [c.strip() for c in lines[i].strip().strip("|").split("|")]
-                if not all(re.fullmatch(r":?-+:?", c) for c in cells):  # the |---| rule
-                    rows.append(cells)
-                i += 1
-            numeric = [any(is_number(r[k].split(" [")[0]) for r in rows[1:] if k < len(r)) for k in range(len(rows[0]))]
-            blocks.append({"kind": "table", "headers": rows[0], "rows": rows[1:], "numeric": numeric})
-        else:
-            para = []
-            while i < len(lines) and lines[i].strip() and not lines[i].strip().startswith(("|", "#")):
-                para.append(lines[i].strip())
-                i += 1
-            blocks.append({"kind": "paragraph", "text": " ".join(para)})
+def published_blocks(section: dict) -> list[dict]:
+    """A published section (:func:`eval.published.published_section`) as the page's blocks: heading, intro,
+    table, protocol note. Its text stays text (escaped by the template)."""
+    if not section:
+        return []
+    blocks = [{"kind": "heading", "text": section["title"]}, {"kind": "paragraph", "text": section["intro"]},
+              {"kind": "table", "headers": section["header"], "rows": section["rows"], "numeric": section["numeric"]}]
+    if section["protocol"]:
+        blocks.append({"kind": "paragraph", "text": f"Protocol: {section['protocol']}"})
     return blocks
 
 
@@ -486,8 +458,8 @@ def write_html_report(out_dir, tables: Sequence[HtmlTable], metrics: pd.DataFram
                     "detected": r.get("detected")})
             headers, table = metric_table(page)
             attention = attention_of(page, out)
-            settings = flatten({"settings": page.record.get("settings") or {}, "model": page.record.get("model") or {}})
-            rest = {k2: v for k2, v in flatten({k3: v3 for k3, v3 in page.record.items()
+            settings = runfolder.flatten({"settings": page.record.get("settings") or {}, "model": page.record.get("model") or {}})
+            rest = {k2: v for k2, v in runfolder.flatten({k3: v3 for k3, v3 in page.record.items()
                                                  if k3 not in ("subjects", "settings", "model", "prompt")}).items()}
             render("image.html.j2", page.page, written, **common, root=href(out, page_dir) + "/",
                    page=page, record=page.record, image_src=href(page.image_file, page_dir),
@@ -509,8 +481,8 @@ def write_html_report(out_dir, tables: Sequence[HtmlTable], metrics: pd.DataFram
 
     benchmark = benchmark_of(metrics["combination"]) if len(metrics) else None
     shown_tables = sorted(tables, key=lambda t: (TABLE_ORDER.index(t.name) if t.name in TABLE_ORDER else len(TABLE_ORDER), t.name))
-    published = {t.name: markdown_blocks(published_markdown(benchmark, table=t.name)) for t in shown_tables
-                 if t.name in ("table1", "table2") and published_markdown(benchmark, table=t.name)}
+    published = {t.name: published_blocks(published_section(benchmark, table=t.name)) for t in shown_tables
+                 if t.name in ("table1", "table2")}
     worst_lists = worst_cases(pages, worst)
     for lst in worst_lists.values():
         lst["rows"] = [({"href": href(p.page, out), "src": href(p.image_file, out), "method": p.method,

@@ -72,20 +72,21 @@ def benchmark_of(combination_ids: Iterable[str]) -> str | None:
     return None
 
 
-def published_markdown(benchmark: str | None, columns: Sequence[str] | None = None,
-                       path: str | Path | None = None, table: str = "table1") -> str:
-    """A Markdown section of the benchmark's published rows, each method marked "(published)", on the
-    report's 0-100 scale with the printed value in brackets where the paper's scale differs (values it prints on
-    that scale already, and time or memory, as printed); "" when no rows are kept for it."""
+def published_section(benchmark: str | None, columns: Sequence[str] | None = None,
+                      path: str | Path | None = None, table: str = "table1") -> dict:
+    """The benchmark's published rows as the report shows them: ``title``, ``intro``, ``header``, ``rows`` (cells
+    as text, each method marked "(published)"), ``numeric`` (which columns hold numbers) and ``protocol``. Values
+    on the report's 0-100 scale with the printed value in brackets where the paper's scale differs (values it
+    prints on that scale already, and time or memory, as printed); ``{}`` when no rows are kept for it."""
     entry = benchmark_entry(benchmark, path, table)
     rows = published_rows(benchmark, path, table)
     if not rows:
-        return ""
+        return {}
     metrics = list(columns or entry.get("metrics") or [k for k in HEADERS if k in rows[0]])
     factor = REPORT_SCALE / float(entry.get("scale", 1.0))
     unscaled = set(entry.get("unscaled") or [])
     header = ["Method"] + [HEADERS.get(m, m) for m in metrics] + ["Base model / note"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    cells_of = []
     for row in rows:
         cells = [f"{row['method']} (published)"]
         for m in metrics:
@@ -99,12 +100,23 @@ def published_markdown(benchmark: str | None, columns: Sequence[str] | None = No
             else:
                 cells.append(f"{v * factor:.1f} [{v:g}]")
         cells.append(str(row.get("base_model") or row.get("note") or "-"))
-        lines.append("| " + " | ".join(cells) + " |")
-    note = entry.get("protocol_note", "")
-    return (f"## {SECTION_TITLE}\n\n"
-            f"Reference rows from {entry.get('source')}{' <' + entry['url'] + '>' if entry.get('url') else ''}. "
-            "Not computed by this harness and "
-            "never part of the means above"
-            + ("; shown x 100 with the printed value in brackets"
-               if factor != 1.0 and any(m not in unscaled for m in metrics) else "; as printed") + ".\n\n"
-            + "\n".join(lines) + "\n\n" + (f"Protocol: {note}\n" if note else ""))
+        cells_of.append(cells)
+    intro = (f"Reference rows from {entry.get('source')}{' <' + entry['url'] + '>' if entry.get('url') else ''}. "
+             "Not computed by this harness and never part of the means above"
+             + ("; shown x 100 with the printed value in brackets"
+                if factor != 1.0 and any(m not in unscaled for m in metrics) else "; as printed") + ".")
+    numeric = [False] + [any(r.get(m) is not None for r in rows) for m in metrics] + [False]
+    return {"title": SECTION_TITLE, "intro": intro, "header": header, "rows": cells_of, "numeric": numeric,
+            "protocol": entry.get("protocol_note", "")}
+
+
+def published_markdown(benchmark: str | None, columns: Sequence[str] | None = None,
+                       path: str | Path | None = None, table: str = "table1") -> str:
+    """:func:`published_section` as a Markdown section; "" when no rows are kept for it."""
+    section = published_section(benchmark, columns, path, table)
+    if not section:
+        return ""
+    lines = ["| " + " | ".join(section["header"]) + " |", "|" + "|".join("---" for _ in section["header"]) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in section["rows"]]
+    return (f"## {section['title']}\n\n{section['intro']}\n\n" + "\n".join(lines) + "\n\n"
+            + (f"Protocol: {section['protocol']}\n" if section["protocol"] else ""))

@@ -415,22 +415,15 @@ def _read_run(run_dir) -> tuple[pd.DataFrame, pd.DataFrame, list[dict], dict, di
     return metrics, detections, [r for i, r in records.items() if i in in_tables], eval_config, notes
 
 
-def _flatten(obj, prefix: str = "") -> dict:
-    if isinstance(obj, dict):
-        out = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def settings_of(record: dict, run_name: str) -> dict:
     """What decides a method's images apart from the combination and seed, flattened (``model.pretrained``,
     ``method.adapter_scale``, ``generation.steps``, ``device``, ``dtype``). Records without ``settings`` (written
     before it existed, or imported) cannot say how they were made, so their run folder stands in for it."""
-    flat = {f"model.{k}": v for k, v in _flatten(record.get("model") or {}).items()}
+    import runfolder
+
+    flat = {f"model.{k}": v for k, v in runfolder.flatten(record.get("model") or {}).items()}
     if isinstance(record.get("settings"), dict):
-        flat.update(_flatten(record["settings"]))
+        flat.update(runfolder.flatten(record["settings"]))
     else:
         flat["run"] = run_name
     # the device's type: shards on cuda:0 and cuda:1 make one configuration

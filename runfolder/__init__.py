@@ -348,6 +348,17 @@ def wandb_run(wandb_cfg, run_dir: str | os.PathLike, stage: str, config: dict | 
     )
 
 
+def flatten(obj: Any, prefix: str = "") -> dict:
+    """Nested dicts as one level, keys joined by dots (``{"model": {"dtype": x}}`` -> ``{"model.dtype": x}``):
+    how the report names a record's settings."""
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """sha256 of a file's bytes."""
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
