@@ -1,5 +1,6 @@
 import math
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -154,6 +155,21 @@ def test_from_dicts_names_unknown_and_missing_fields():
         Layout.from_dicts([{"name": "dog", "phrase": "dog"}])
 
 
+def test_equal_areas_tie_exactly_and_go_to_the_earlier_subject():
+    """Issue 24: (0.4 - 0.1) * 0.3 = 0.09000000000000001 but 0.3 * 0.3 = 0.09 in floating point, so the float areas
+    ordered two equal boxes by one ulp and gave the overlap to the later subject; the rule gives the earlier."""
+    a, b = subject("A", (0.1, 0.7, 0.4, 1.0)), subject("B", (0.0, 0.7, 0.3, 1.0))
+    assert a.area == b.area == Fraction(9, 100)
+    owner = Layout([a, b]).owner_map(10, 10)
+    assert owner[7:, 1:3].unique().tolist() == [0]  # the overlap: columns 1-2 of rows 7-9
+    assert owner[7:, 0].unique().tolist() == [1] and owner[7:, 3].unique().tolist() == [0]
+    # in the other order the (now earlier) B wins: the tie is broken by position alone
+    assert Layout([b, a]).owner_map(10, 10)[7:, 1:3].unique().tolist() == [0]
+    # a strictly smaller box still wins whatever its position
+    smaller = subject("C", (0.1, 0.7, 0.4, 0.99))
+    assert Layout([b, smaller]).owner_map(10, 10)[7:, 1:3].unique().tolist() == [1]
+
+
 # --- property: the owner map is the priority rule applied token by token, written here independently
 
 def _covers(box, r, c, h, w):
@@ -162,6 +178,11 @@ def _covers(box, r, c, h, w):
 
 
 coord = st.integers(0, 20).map(lambda i: i / 20)
+
+
+def _area_400ths(box):
+    x0, y0, x1, y1 = (round(v * 20) for v in box)
+    return (x1 - x0) * (y1 - y0)
 
 
 @st.composite
@@ -189,6 +210,6 @@ def test_owner_map_is_the_priority_rule_token_by_token(bxs, roles, h, w):
             if not covering:
                 assert owner[r, c] == -1
                 continue
-            # highest rank, then smallest area, then earliest
-            best = min(covering, key=lambda i: (-rank[subs[i].role], subs[i].area, i))
+            # highest rank, then smallest area (exact: in 1/400ths, the coordinates being twentieths), then earliest
+            best = min(covering, key=lambda i: (-rank[subs[i].role], _area_400ths(subs[i].box), i))
             assert owner[r, c] == best

@@ -6,7 +6,7 @@ Conventions (DESIGN.md section 2):
   ``floor(x0*w) .. ceil(x1*w)``, end exclusive, so no box vanishes at a coarse level;
 - tokens are in row-major order, as diffusers flattens ``[B, C, H, W]`` to ``[B, H*W, C]``;
 - where boxes overlap one subject owns the token: higher rank wins (explicit ``priority``, else the
-  role's rank), ties go to the smaller box, then to the earlier subject.
+  role's rank), ties go to the smaller box (areas compared exactly), then to the earlier subject.
 
 Nothing here touches the file system: ``Subject.image`` is carried along for the pipeline.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -96,8 +97,11 @@ class Subject:
         return self.priority if self.priority is not None else ROLE_RANK[self.role]
 
     @property
-    def area(self) -> float:
-        x0, y0, x1, y1 = self.box
+    def area(self) -> Fraction:
+        """The box's normalized area, exact: the priority rule compares areas, and in floating point two equal
+        areas can differ by an ulp ((0.4 - 0.1) * 0.3 vs 0.3 * 0.3). Each coordinate is taken as the shortest
+        decimal that reads back as it (``repr``), i.e. the number the user wrote, so equal boxes tie exactly."""
+        x0, y0, x1, y1 = (Fraction(repr(c)) for c in self.box)
         return (x1 - x0) * (y1 - y0)
 
     def token_slices(self, h: int, w: int) -> tuple[slice, slice]:
