@@ -264,6 +264,57 @@ def test_dinov2_loads_strictly_and_equals_dinov2model(tiny_dinov2, tiny_dino, im
         DinoScorer(tiny_dino, backend="dinov2")
 
 
+def _kept_share(transform, aspect: float, resized: int) -> float:
+    """The share of a black ``aspect``:1 subject, cut out on white and padded to a square as evaluate does,
+    that survives ``transform`` (a PIL image -> [3, S, S] tensor in [0, 1] or a processor's array), which first
+    resizes the square to ``resized`` pixels a side."""
+    from eval.grounding import subject_crop
+
+    height = 96
+    width = round(height * aspect)
+    canvas = np.full((300, 500, 3), 255, np.uint8)
+    mask = np.zeros(canvas.shape[:2], bool)
+    mask[40:40 + height, 20:20 + width] = True
+    canvas[mask] = 0
+    region = subject_crop(Image.fromarray(canvas), mask)  # padded to a square of side `width`
+    pixels = torch.as_tensor(np.asarray(transform(region), dtype=np.float32))
+    dark = float((pixels.mean(0) < 0.5).sum())
+    return dark / (resized * resized / aspect)  # the subject's whole area after the resize
+
+
+def test_what_of_a_wide_subject_each_encoder_sees():
+    """Issue 24: the square padding keeps a full-width subject whole for CLIP (resize 224, crop 224), but DINO's
+    protocol (resize 256, centre crop 224: DreamBooth's DINO and DINOv2's own processor alike) keeps the middle
+    224/256 = 87.5% of the square's side. The README says so with these numbers."""
+    import open_clip
+    from torchvision import transforms as T
+    from transformers import BitImageProcessor
+
+    from eval.similarity import dino_transform
+
+    clip = open_clip.image_transform(open_clip.get_model_config("ViT-B-32")["vision_cfg"]["image_size"], is_train=False)
+    clip = T.Compose(clip.transforms[:-1])  # up to the tensor, before the normalization
+    dino = T.Compose(dino_transform().transforms[:-1])
+    # DINOv2-small's preprocessor_config.json: BitImageProcessor, shortest edge 256, centre crop 224, bicubic
+    dinov2_processor = BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224},
+                                         resample=3, do_normalize=False, do_rescale=True, do_convert_rgb=True)
+
+    def dinov2(im):
+        return dinov2_processor(im, return_tensors="np")["pixel_values"][0]
+
+    for aspect in (2.0, 3.0, 4.0):  # full width, height within the crop
+        assert _kept_share(clip, aspect, 224) == pytest.approx(1.0, abs=0.01)
+        assert _kept_share(dino, aspect, 256) == pytest.approx(224 / 256, abs=0.01)
+        assert _kept_share(dinov2, aspect, 256) == pytest.approx(224 / 256, abs=0.01)
+    assert _kept_share(clip, 1.0, 224) == pytest.approx(1.0, abs=0.01)
+    assert _kept_share(dino, 1.0, 256) == pytest.approx((224 / 256) ** 2, abs=0.01)  # a subject that fills its square
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    wide, square = _kept_share(dino, 2.0, 256), _kept_share(dino, 1.0, 256)
+    assert f"DINO sees {wide:.1%} of a full-width subject" in readme
+    assert f"{square:.1%} of one that fills its square" in readme
+    assert "the encoders' centre crop keeps a wide subject whole" not in readme  # a382e8e's claim, wrong for DINO
+
+
 def test_dino_timm_backend(tmp_path, images):
     import timm
 
