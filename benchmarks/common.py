@@ -196,14 +196,9 @@ def load_average() -> list[float] | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    import runfolder
+
+    return runfolder.hardware("cpu")["name"]  # one reading of the processor, the records' own
 
 
 def resolve_device(device: str) -> str:

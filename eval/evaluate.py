@@ -495,7 +495,9 @@ def _run_evaluation(cfg: DictConfig, run_dir: Path, metrics: list[str]) -> Evalu
                                            "phrase_score", "x0", "y0", "x1", "y1"])
     runfolder.atomic_write(run_dir / DETECTIONS_FILE, lambda tmp: dets.to_parquet(tmp, index=False))
     runfolder.atomic_write(run_dir / METRICS_FILE, lambda tmp: table.to_parquet(tmp, index=False))
-    eval_config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash, **runfolder.provenance()}
+    # provenance: the hardware that ran the evaluators here, beside (never in) the eval hash
+    eval_config = {"eval": OmegaConf.to_container(cfg.eval, resolve=True), "eval_hash": eval_hash,
+                   **runfolder.provenance(cfg.eval.get("device") or "cpu")}
     runfolder.write_json(run_dir / EVAL_CONFIG_FILE, eval_config)
     if summary.scored and cfg.get("wandb") and cfg.wandb.enabled:
         from eval.wandb_log import log_evaluation

@@ -105,7 +105,7 @@ def html_table(name: str, caption: str, shown: pd.DataFrame, values: Mapping[str
             value = sort_value(list(values[col])[i]) if col in values else text
             row.append((text, value, is_number(value)))
         rows.append(row)
-    return HtmlTable(name, caption, columns, rows, note.strip())
+    return HtmlTable(name, caption, columns, rows, note.replace("**", "").strip())  # the Markdown emphasis of a note
 
 
 # --- small helpers --------------------------------------------------------------------------------------------

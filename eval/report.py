@@ -485,6 +485,29 @@ def _provenance(records: pd.DataFrame, metrics: pd.DataFrame) -> dict:
     }
 
 
+def hardware_kinds(records: pd.DataFrame) -> dict[str, dict]:
+    """Each kind of hardware that made the records' images (runfolder.hardware_label): its methods and image count."""
+    import runfolder
+
+    kinds: dict[str, dict] = {}
+    hardware = records["hardware"] if "hardware" in records else pd.Series([None] * len(records), index=records.index)
+    for method, hw in zip(records["method"], hardware):
+        kind = kinds.setdefault(runfolder.hardware_label({"hardware": hw}), {"methods": set(), "images": 0})
+        kind["methods"].add(str(method))
+        kind["images"] += 1
+    return {label: {"methods": sorted(k["methods"]), "images": k["images"]} for label, k in sorted(kinds.items())}
+
+
+def mixed_hardware_note(kinds: dict[str, dict]) -> str:
+    """A warning paragraph for a table whose images come from more than one kind of hardware, else ''."""
+    if len(kinds) < 2:
+        return ""
+    parts = "; ".join(f"{label}: {k['images']} image(s) of {', '.join(k['methods'])}" for label, k in kinds.items())
+    return (f"**Mixed hardware.** The images behind these numbers come from {len(kinds)} kinds of hardware ({parts}). "
+            "The same config gives the same bytes only on the same hardware and software stack; across kinds the images "
+            "differ within a tolerance (README, \"Same config, same bytes\"), so compare methods made on one kind.\n\n")
+
+
 def _differing_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for key in sorted(set(a) | set(b)):
@@ -600,8 +623,11 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     devices = ",".join(sorted(records["device"].astype(str).unique()))
     dtypes = ",".join(sorted(records["dtype"].astype(str).unique()))
     prov = _provenance(records, metrics)
+    kinds = hardware_kinds(records)
+    hardware_note = mixed_hardware_note(kinds)
     unscored = sum(len(r[4]["unscored"]) for r in runs)
-    stamp_lines = [header, protocol_line([r[3] for r in runs]), f"Device {devices}, dtype {dtypes}.",
+    stamp_lines = [header, protocol_line([r[3] for r in runs]),
+                   f"Device {devices}, dtype {dtypes}, hardware {' | '.join(kinds) or 'not recorded'}.",
                    f"Provenance: images git {', '.join(prov['images_git'])} "
                    f"(torch {', '.join(prov['images_torch']) or '?'}, diffusers {', '.join(prov['images_diffusers']) or '?'}); "
                    f"metrics git {', '.join(prov['metrics_git'])}; report git {prov['report_git']}.", interval]
@@ -648,7 +674,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     scene_note = (f"{scenes} full-frame scene subject(s) (of {len(metrics)}) are left out of mIoU and AP50: a box that "
                   "is the whole image says nothing about layout.\n\n") if scenes else ""
     write_table("table1", table1, table1_columns + attention_columns + ["time_s", "memory_gib"],
-                "Table 1: layout, identity and text metrics per method", MEMORY_NOTE + scene_note)
+                "Table 1: layout, identity and text metrics per method", hardware_note + MEMORY_NOTE + scene_note)
     # published reference rows (eval/published.py): a separate section of table1.md, never in the means or the csv
     published = published_markdown(benchmark)
     if published:
@@ -657,7 +683,8 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     ablation = metrics[metrics["n_subjects"] >= 3]
     table2 = method_table(ablation, detections, records, TABLE2, samples, ap_samples, seed, with_cost=False,
                           resample=resample)  # no rows: a CSV with its header
-    note = "" if len(ablation) else "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n"
+    note = mixed_hardware_note(hardware_kinds(records[records["n_subjects"] >= 3])) if len(ablation) else (
+        "This run has no combination with 3 or more subjects, so Table 2 is empty.\n\n")
     write_table("table2", table2, TABLE2, "Table 2: ablation over the combinations with 3 or more subjects", note)
     published = published_markdown(benchmark, table="table2")
     if published:
@@ -697,7 +724,7 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     # last: its index lists the figures and files written above; pages per image link the run folders' images
     write_html_report(out, html_tables, metrics, detections, record_runs, stamp_lines, tiny)
     summary = {"runs": [str(d) for d in run_dirs], "tiny": tiny, "index": "index.html", "header": header, "bootstrap": dict(bootstrap),
-               "split": bool(split), "provenance": prov, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir() if p.is_file()} | {"report.json"}),
+               "split": bool(split), "provenance": prov, "hardware_kinds": kinds, "unscored_images": unscored, **runfolder.provenance(), "files": sorted({p.name for p in out.iterdir() if p.is_file()} | {"report.json"}),
                "folders": sorted(p.name for p in out.iterdir() if p.is_dir() and p.name != "logs")}
     summary["figures"] = {name: figure.summary(out) for name, figure in drawn.items()}
     if (out / "attention").is_dir():

@@ -396,6 +396,56 @@ def git_hash() -> str:
         return "unknown"
 
 
-def provenance() -> dict:
-    return {"versions": package_versions(), "git_hash": git_hash(), "created": time.time()}
+def provenance(device: Any = "cpu") -> dict:
+    """What made an output: package versions, git hash, the hardware that ran it on ``device``, the time."""
+    return {"versions": package_versions(), "git_hash": git_hash(), "hardware": hardware(device), "created": time.time()}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def hardware(device: Any = "cpu") -> dict:
+    """What executes work on ``device`` ("cpu", "cuda", "cuda:1", a ``torch.device``).
+
+    The bytes of an image depend on it: on the CPU, on the kernels torch dispatches to (the ISA, a oneDNN cap
+    set by ``ONEDNN_MAX_CPU_ISA``, the thread count); on a GPU, on its architecture and the CUDA and cuDNN
+    versions. Recorded beside the config, never hashed with it: resuming on another node must not regenerate a
+    finished run. ``label`` names the kind of hardware; the report compares labels.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+        out = {"kind": "cuda", "name": torch.cuda.get_device_name(index), "compute_capability": f"{major}.{minor}",
+               "cuda": torch.version.cuda, "cudnn": cudnn}
+        out["label"] = f"{out['name']} (sm_{major}{minor}, CUDA {out['cuda']}, cuDNN {cudnn})"
+        return out
+    if device.type == "cpu":
+        out = {"kind": "cpu", "name": _cpu_name(), "machine": platform.machine(),
+               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+        isa_cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+        if isa_cap:
+            out["onednn_max_cpu_isa"] = isa_cap
+        out["label"] = f"{out['name']} ({out['cpu_capability']}" + (f", oneDNN <= {isa_cap}" if isa_cap else "") + ")"
+        return out
+    return {"kind": device.type, "name": device.type, "machine": platform.machine(),
+            "label": f"{device.type} ({platform.machine()})"}
+
+
+def hardware_label(record: dict) -> str:
+    """The kind of hardware a record or provenance names; records from before it was recorded say so."""
+    hw = record.get("hardware")
+    if not isinstance(hw, dict):
+        return "not recorded"
+    return str(hw.get("label") or hw.get("name") or hw.get("kind") or "not recorded")
 

@@ -282,7 +282,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
     model_ids, method_ids = ids
     pipeline = load_model(cfg.model, cfg.method)
     records = runfolder.records_file(run_dir, method, shard)
-    prov = runfolder.provenance()
+    prov = runfolder.provenance(pipeline.device)  # the hardware that runs this model, never hashed
     start = time.perf_counter()
     bar = tqdm(todo, desc=f"generate {method}", unit="img", disable=not cfg.progress)
     with LayoutWarningLog() as layout_warnings:
@@ -308,7 +308,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
                 # what decides the images besides the model: the report splits or refuses rows that differ here
                 "settings": {"method": method_ids,
                              "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
-                "device": str(pipeline.device), "dtype": str(pipeline.dtype).replace("torch.", ""),
+                "device": str(pipeline.device), "hardware": prov["hardware"], "dtype": str(pipeline.dtype).replace("torch.", ""),
                 "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
                 "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},
                 "created": time.time(),

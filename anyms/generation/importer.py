@@ -101,6 +101,7 @@ def _import(source: Path, method: str, combos, seeds, run_dir: Path, pattern: st
                 "config_hash": runfolder.config_hash({"source_image": runfolder.file_digest(path),
                                                       "combination": combo.definition}),
                 "versions": prov["versions"], "git_hash": prov["git_hash"], "device": "external",
+                "hardware": {"kind": "external", "label": "external (imported)"},  # made elsewhere, on unknown hardware
                 "dtype": "external", "seconds": None, "peak_memory_bytes": None, "created": time.time(),
             })
             summary.imported.append(rel)
