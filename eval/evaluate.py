@@ -408,6 +408,35 @@ def record_key(record: dict, reference_digest) -> str:
     })
 
 
+def check_evaluation(cfg: DictConfig) -> list[str]:
+    """Everything that can be wrong with the config or the run folder, before an evaluator loads or a file is
+    written (issue 32: ``scripts/evaluate.py`` runs it before Hydra makes its log folder): the metrics and
+    protocol values, the run folder (it exists: evaluate never makes one), its records, every image readable,
+    every reference readable and large enough. Returns the metrics to compute; raises :class:`EvaluationError` or
+    :class:`~runfolder.RunFolderError` naming the field or file."""
+    from runfolder.references import check_references
+
+    metrics = check_metrics(list(cfg.eval.metrics))
+    check_protocol(cfg.eval)
+    if "m_dino" in metrics and "dino" not in metrics:
+        metrics.append("dino")
+    run_dir = runfolder.existing_run_dir(cfg.run_dir)
+    records = runfolder.read_records(run_dir)  # validated against the schema: names file, line and field
+    if not records:
+        raise EvaluationError(f"run_dir: {run_dir} has no records in {run_dir / runfolder.RECORDS}; run generate (or "
+                              "import_images) first")
+    check_benchmark_protocol(cfg.eval, records)
+    for r in records:
+        path = run_dir / r["image"]
+        decode_image(path, read_image_bytes(path), verify_only=True)
+    # the references the identity metrics compare with: checked here, not after the evaluators have loaded
+    try:
+        check_references(p for r in records for s in r["subjects"] for p in s["references"])
+    except ReferenceImageError as err:
+        raise EvaluationError(str(err)) from None
+    return metrics
+
+
 def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     """Scores the run folder's images not scored yet (by content, see :class:`ScoreStore`), one at a time:
     each is read, hashed, decoded, scored, committed and released before the next; then merges
@@ -415,10 +444,7 @@ def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
     run folder at a time (``locks/evaluate.metrics.lock``)."""
     from runfolder.lock import writer_lock
 
-    metrics = check_metrics(list(cfg.eval.metrics))
-    check_protocol(cfg.eval)
-    if "m_dino" in metrics and "dino" not in metrics:
-        metrics.append("dino")
+    metrics = check_evaluation(cfg)  # before the lock: a refused command leaves the run folder as it was
     run_dir = Path(cfg.run_dir)
     with writer_lock(run_dir, "evaluate", "metrics"):
         return _run_evaluation(cfg, run_dir, metrics)
