@@ -553,17 +553,13 @@ class ReportInputs:
 
 def check_out_dir(out_dir) -> None:
     """``out_dir`` is a folder or can be made: not a file, not under one."""
-    from pathlib import Path
-
+    import runfolder
     from eval.evaluate import EvaluationError
 
-    path = Path(str(out_dir))
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                what = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise EvaluationError(f"out_dir: {path} {what}; give a folder for the report (out_dir=FOLDER)")
-            break
+    try:
+        runfolder.checked_folder(out_dir, "out_dir", "out_dir=FOLDER")
+    except runfolder.RunFolderError as err:
+        raise EvaluationError(str(err)) from None
 
 
 def check_report(run_dirs: Sequence, out_dir, bootstrap: dict, figures: dict | None = None,

@@ -112,12 +112,18 @@ def planned_images(run_dir: str | os.PathLike) -> set[str]:
 def checked_run_dir(run_dir: str | os.PathLike) -> Path:
     """``run_dir`` as a folder that is or can be made: not a file, not under a file (else :class:`RunFolderError`
     naming it)."""
-    path = Path(str(run_dir))
+    return checked_folder(run_dir, "run_dir", "run_dir=runs/NAME")
+
+
+def checked_folder(folder: str | os.PathLike, field: str, example: str) -> Path:
+    """``folder`` as a folder that is or can be made: not a file, not under a file (else :class:`RunFolderError`
+    naming ``field`` and, as the fix, ``example``)."""
+    path = Path(str(folder))
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 what = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise RunFolderError(f"run_dir: {path} {what}; give a folder (run_dir=runs/NAME)")
+                raise RunFolderError(f"{field}: {path} {what}; give a folder ({example})")
             break
     return path
 

@@ -65,6 +65,22 @@ def _composition_error(err: Exception) -> BadInput:
     return BadInput(f"command line: {one_line(text)}")
 
 
+def _check_syntax(overrides: Sequence[str]) -> None:
+    """Each override readable by Hydra's grammar, else :class:`BadInput` naming its key (Hydra's own message names
+    only the characters it stopped at)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create()
+    for line in overrides:
+        try:
+            parser.parse_overrides([line])
+        except HydraException as err:
+            key, _, value = line.partition("=")
+            raise BadInput(f"{key or line}: Hydra cannot read {line!r} ({one_line(err)}); quote a value with special "
+                           f"characters, e.g. {key}='{value}'") from None
+
+
 def _jobs(overrides: Sequence[str], sweeper_params: dict | None) -> list[list[str]]:
     """The override lists of a multirun's jobs: the config's ``hydra.sweeper.params`` then the command line
     (a later override of the same key wins), sweeps expanded as Hydra's basic sweeper does."""
@@ -204,6 +220,7 @@ def check_command(stage: str, config_name: str, check: Callable[[Any], Any], err
     from omegaconf.errors import OmegaConfBaseException
 
     try:
+        _check_syntax(overrides)
         jobs = list(composed(name, overrides, bool(args.multirun), config_dir))  # every job composes, first
         for cfg in jobs:
             check_required(cfg, hints, allow_missing)

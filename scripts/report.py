@@ -54,12 +54,12 @@ def check(cfg: DictConfig):
     try:
         for d in run_dirs:  # before importing pandas: a quick answer
             runfolder.existing_run_dir(d, "run_dirs" if cfg.run_dirs is not None else "run_dir")
+        runfolder.checked_folder(out_dir, "out_dir", "out_dir=FOLDER")
     except runfolder.RunFolderError as err:
         raise BadInput(str(err)) from None
-    from eval.report import check_out_dir, check_report
+    from eval.report import check_report
 
     try:
-        check_out_dir(out_dir)
         return check_report(run_dirs, out_dir, OmegaConf.to_container(cfg.bootstrap),
                             OmegaConf.to_container(cfg.figures), split=bool(cfg.get("split", False)))
     except bad_input_errors() as err:

@@ -100,14 +100,14 @@ def check_study(cfg: dict) -> None:
     if command not in COMMANDS:
         raise StudyError(f"command: must be one of {', '.join(COMMANDS)}, got {command!r}; it is the first argument "
                          "(python scripts/study.py build run_dir=...)")
+    run_dirs = list(cfg.get("run_dirs") or ([cfg["run_dir"]] if cfg.get("run_dir") else []))
+    if command == "build" and not run_dirs:
+        raise StudyError("run_dir: build needs run_dir=runs/NAME or run_dirs=[runs/A,runs/B]")
     if str(cfg.get("study_dir")).startswith("None/"):
         raise StudyError("study_dir: required, and not given; give study_dir=FOLDER (or run_dir=..., whose study/ "
                          "folder is the default)")
     study_dir = Path(str(cfg["study_dir"]))
     if command == "build":
-        run_dirs = list(cfg.get("run_dirs") or ([cfg["run_dir"]] if cfg.get("run_dir") else []))
-        if not run_dirs:
-            raise StudyError("run_dir: build needs run_dir=runs/NAME or run_dirs=[runs/A,runs/B]")
         for d in run_dirs:
             try:
                 runfolder.existing_run_dir(d, "run_dirs" if cfg.get("run_dirs") else "run_dir")
