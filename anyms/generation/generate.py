@@ -21,8 +21,8 @@ import runfolder
 from anyms.core.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
 from anyms.core.layout import LayoutWarning
-from anyms.methods.base import (GenerationConfigError, GenerationSettings, ModelLoadError, check_hub_cache,
-                                check_local_paths)
+from anyms.methods.base import GenerationConfigError, GenerationSettings, ModelLoadError, check_local_paths
+from anyms.methods.loading import check_hub_cache
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
 from runfolder.lock import writer_lock

@@ -229,23 +229,3 @@ def check_local_paths(fields: Mapping[str, Any]) -> None:
             raise GenerationConfigError(
                 f"{key}: {value} does not exist; point it at the local folder that holds the weights, or give "
                 "a hub id (owner/name)")
-
-
-def check_hub_cache(field: str, repo, filename: str) -> None:
-    """Offline (``HF_HUB_OFFLINE``), a hub id must have ``filename`` in the local cache: else one error naming the
-    field and how to get it, before anything is written (the loader would fail only after the plan was)."""
-    import os
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    if repo is None or Path(str(repo)).expanduser().exists() or not constants.HF_HUB_OFFLINE:
-        return
-    try:
-        found = try_to_load_from_cache(str(repo), filename)
-    except ValueError:  # not a valid repo id: check_local_paths already refused it as a path
-        found = None
-    if not isinstance(found, str) or not os.path.exists(found):
-        from anyms.methods.loading import how_to_get  # it imports this module
-
-        raise GenerationConfigError(f"{field}: {repo} is not in the Hugging Face cache ({filename} missing) and "
-                                    f"HF_HUB_OFFLINE is set; {how_to_get(field, str(repo))}")

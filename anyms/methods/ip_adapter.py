@@ -23,8 +23,9 @@ from anyms.core.attention import MODES, AnyMSState, install, install_stock
 from anyms.core.attention_maps import AttentionMapSettings
 from anyms.core.layout import Layout
 from anyms.methods.base import (BasePipeline, GenerationConfigError, GenerationResult, GenerationSettings, ModelLoadError,
-                                check_hub_cache, check_local_paths, frozen,
+                                check_local_paths, frozen,
                                 peak_memory_bytes)
+from anyms.methods.loading import check_hub_cache
 from runfolder.references import load_reference
 
 STOCK_JOINT = "ip_adapter_joint"
