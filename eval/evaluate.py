@@ -408,6 +408,30 @@ def record_key(record: dict, reference_digest) -> str:
     })
 
 
+def check_evaluator_paths(eval_cfg: DictConfig, metrics: Sequence[str]) -> None:
+    """The evaluators' local files by kind, before any loads: SAM's checkpoint a file that exists (when a metric
+    needs SAM), a local GroundingDINO a folder that exists. Hub ids are left to the loaders, which name how to get
+    them; the tiny evaluators are written by ``eval.prepare`` when they load."""
+    if eval_cfg.get("tiny"):
+        return
+    checkpoint = OmegaConf.select(eval_cfg, "segmenter.checkpoint", default=None)
+    if checkpoint is not None and any(m in IDENTITY or m == "m_dino" for m in metrics):
+        path = Path(str(checkpoint))
+        if path.is_dir():
+            raise EvaluationError(f"eval.segmenter.checkpoint: {path} is a folder; point it at SAM's .pth file")
+        if not path.exists():
+            raise EvaluationError(
+                f"eval.segmenter.checkpoint: {path} does not exist; download {path.name} from "
+                "https://dl.fbaipublicfiles.com/segment_anything/ into eval.weights_dir (paths.weights_dir=FOLDER or "
+                "ANYMS_WEIGHTS), or point eval.segmenter.checkpoint at it")
+    detector = OmegaConf.select(eval_cfg, "detector.model_id_or_path", default=None)
+    if detector is not None and str(detector).startswith(("/", ".", "~")):
+        path = Path(str(detector)).expanduser()
+        if not path.is_dir():
+            raise EvaluationError(f"eval.detector.model_id_or_path: {detector} is not a folder; point it at GroundingDINO's "
+                                  "folder (save_pretrained's), or give the hub id IDEA-Research/grounding-dino-tiny")
+
+
 def check_evaluation(cfg: DictConfig) -> list[str]:
     """Everything that can be wrong with the config or the run folder, before an evaluator loads or a file is
     written (issue 32: ``scripts/evaluate.py`` runs it before Hydra makes its log folder): the metrics and
@@ -420,6 +444,7 @@ def check_evaluation(cfg: DictConfig) -> list[str]:
     check_protocol(cfg.eval)
     if "m_dino" in metrics and "dino" not in metrics:
         metrics.append("dino")
+    check_evaluator_paths(cfg.eval, metrics)
     run_dir = runfolder.existing_run_dir(cfg.run_dir)
     records = runfolder.read_records(run_dir)  # validated against the schema: names file, line and field
     if not records:

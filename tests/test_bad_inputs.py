@@ -181,6 +181,9 @@ CASES = {
                                        lambda w: (w / "run/images/anyms/c02/0.png").write_text("x"), fix=("regenerate",)),
     "evaluate: record line broken mid-file": Case("evaluate", [*EVAL, "run_dir={w}/run"], "anyms.0-of-1.jsonl:1",
                                                   middle_record_line_broken, fix=("delete line 1",)),
+    "evaluate: SAM's checkpoint missing": Case("evaluate", ["run_dir={w}/run", "eval=default", "paths.weights_dir={w}/empty",
+                                                          "wandb=disabled"], "eval.segmenter.checkpoint:",
+                                               fix=("sam_vit_h_4b8939.pth", "paths.weights_dir")),
     # --- report -----------------------------------------------------------------------------------------------
     "report: no run_dir": Case("report", [], "run_dir:"),
     "report: out_dir is a file": Case("report", ["run_dir={w}/run", "out_dir={w}/afile"], "out_dir:", fix=("give a folder",)),
