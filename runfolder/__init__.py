@@ -143,17 +143,6 @@ def existing_run_dir(run_dir: str | os.PathLike, field: str = "run_dir") -> Path
     return path
 
 
-def check_run_dir_argument(argv: list[str], stage: str) -> None:
-    """For entry points, before Hydra makes its log folder under ``run_dir``: a ``run_dir=`` argument that is a
-    file or lies under one ends the process with one line (Hydra would fail with a traceback first)."""
-    for arg in argv[1:]:
-        if arg.startswith(("run_dir=", "+run_dir=", "++run_dir=")):
-            try:
-                checked_run_dir(arg.split("=", 1)[1])
-            except RunFolderError as err:
-                raise SystemExit(f"{stage}: {err}") from None
-
-
 def parse_shard(spec: str) -> tuple[int, int]:
     """``"i/k"``: this process does the i-th of k interleaved parts of the work (0 <= i < k)."""
     try:
