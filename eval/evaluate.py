@@ -462,14 +462,16 @@ def check_evaluation(cfg: DictConfig) -> list[str]:
     return metrics
 
 
-def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
+def run_evaluation(cfg: DictConfig, metrics: list[str] | None = None) -> EvaluationSummary:
     """Scores the run folder's images not scored yet (by content, see :class:`ScoreStore`), one at a time:
     each is read, hashed, decoded, scored, committed and released before the next; then merges
     ``metrics.parquet`` and ``detections.parquet`` for the images the records name now. One evaluation per
     run folder at a time (``locks/evaluate.metrics.lock``)."""
     from runfolder.lock import writer_lock
 
-    metrics = check_evaluation(cfg)  # before the lock: a refused command leaves the run folder as it was
+    # before the lock: a refused command leaves the run folder as it was (metrics: the check's result when the entry
+    # point has already run it)
+    metrics = list(metrics) if metrics is not None else check_evaluation(cfg)
     run_dir = Path(cfg.run_dir)
     with writer_lock(run_dir, "evaluate", "metrics"):
         return _run_evaluation(cfg, run_dir, metrics)

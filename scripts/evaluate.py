@@ -51,10 +51,11 @@ def main(cfg: DictConfig) -> None:
 
     quiet_libraries()
     log.info(evaluator_line(cfg.eval))  # first: which evaluators score (the tiny ones are random)
-    checked = prechecked(cfg) is not None
+    metrics = prechecked(cfg)
+    checked = metrics is not None
     try:
         with stage_console():
-            summary = run_evaluation(cfg)
+            summary = run_evaluation(cfg, metrics)
     except bad_input_errors() as err:
         (fail if checked else refuse)("evaluate", err)  # after the check passed: something changed while running
     except (MissingWeightsError, runfolder.RunFolderError, RunFolderLockedError) as err:
