@@ -435,9 +435,10 @@ def check_evaluator_paths(eval_cfg: DictConfig, metrics: Sequence[str]) -> None:
 def check_evaluation(cfg: DictConfig) -> list[str]:
     """Everything that can be wrong with the config or the run folder, before an evaluator loads or a file is
     written (issue 32: ``scripts/evaluate.py`` runs it before Hydra makes its log folder): the metrics and
-    protocol values, the run folder (it exists: evaluate never makes one), its records, every image readable,
-    every reference readable and large enough. Returns the metrics to compute; raises :class:`EvaluationError` or
-    :class:`~runfolder.RunFolderError` naming the field or file."""
+    protocol values, the evaluators' local files, the run folder (it exists: evaluate never makes one), its records,
+    every image readable, every reference readable and large enough (when an identity metric compares with them).
+    Returns the metrics to compute; raises :class:`EvaluationError` or :class:`~runfolder.RunFolderError` naming the
+    field or file."""
     from runfolder.references import check_references
 
     metrics = check_metrics(list(cfg.eval.metrics))
@@ -454,11 +455,13 @@ def check_evaluation(cfg: DictConfig) -> list[str]:
     for r in records:
         path = run_dir / r["image"]
         decode_image(path, read_image_bytes(path), verify_only=True)
-    # the references the identity metrics compare with: checked here, not after the evaluators have loaded
-    try:
-        check_references(p for r in records for s in r["subjects"] for p in s["references"])
-    except ReferenceImageError as err:
-        raise EvaluationError(str(err)) from None
+    # the references the identity metrics compare with (no other metric reads them): checked here, not after the
+    # evaluators have loaded
+    if any(m in IDENTITY for m in metrics):
+        try:
+            check_references(p for r in records for s in r["subjects"] for p in s["references"])
+        except ReferenceImageError as err:
+            raise EvaluationError(str(err)) from None
     return metrics
 
 
