@@ -36,10 +36,6 @@ class TextEncoderTokenizer:
     def limit(self) -> int:
         return int(self.tokenizer.model_max_length)
 
-    @property
-    def label(self) -> str:
-        return f"{self.subfolder} of {self.field}={self.repo}"
-
 
 def _tokenizer_class(folder: Path | None):
     """The class the tokenizer's own ``tokenizer_config.json`` names (CLIP for every model here)."""
@@ -94,11 +90,12 @@ def _find(ids: Sequence[int], part: Sequence[int]) -> int | None:
 def check_prompts(combos, encoders: Sequence[TextEncoderTokenizer], model_name: str, benchmark: str,
                   truncate: bool) -> list[str]:
     """Each combination's prompt against each text encoder's limit. Raises :class:`GenerationConfigError` for a
-    subject phrase past the limit (unless ``truncate``); returns the warnings to log (one per combination and
-    limit: the words cut off)."""
+    subject phrase past the limit (unless ``truncate``); returns the warnings to log: per combination, one per
+    phrase cut off (with ``truncate``) and one naming the words cut off, each naming the encoders alike."""
     warnings_out: list[str] = []
     for combo in combos:
-        cut: dict[tuple[int, str], list[str]] = {}
+        phrases: dict[tuple[str, int, int], list[TextEncoderTokenizer]] = {}  # (phrase, limit, length) -> encoders
+        cut: dict[tuple[int, str], list[TextEncoderTokenizer]] = {}  # (limit, words cut off) -> encoders
         for enc in encoders:
             tok, limit = enc.tokenizer, enc.limit
             ids = tok(combo.prompt, truncation=False, verbose=False).input_ids
@@ -106,22 +103,31 @@ def check_prompts(combos, encoders: Sequence[TextEncoderTokenizer], model_name: 
                 continue
             kept = limit - 1  # positions 0 .. limit-2 keep their tokens; EOS takes the last place
             for s in combo.layout:
-                start = _find(ids, tok(s.phrase, add_special_tokens=False).input_ids)
-                if start is None:
-                    continue
-                end = start + len(tok(s.phrase, add_special_tokens=False).input_ids)
-                if end > kept:
-                    message = (f"benchmark {benchmark}, combination {combo.id}: the subject phrase {s.phrase!r} lies past "
-                               f"the {limit}-token limit (BOS/EOS included) of model {model_name}'s text encoder "
-                               f"({enc.label}; the prompt has {len(ids)} tokens), so it would get no text conditioning")
-                    if not truncate:
-                        raise GenerationConfigError(
-                            f"{message}; shorten benchmark.combinations.{combo.id}.prompt to {limit} tokens, or set "
-                            "generation.truncate_prompt=true to generate it cut off")
-                    warnings_out.append(message + " (generation.truncate_prompt=true)")
+                phrase_ids = tok(s.phrase, add_special_tokens=False).input_ids
+                start = _find(ids, phrase_ids)
+                if start is not None and start + len(phrase_ids) > kept:
+                    phrases.setdefault((s.phrase, limit, len(ids)), []).append(enc)
             words = tok.decode(ids[kept:-1]).strip()  # the content tokens past the limit (the last id is EOS)
-            cut.setdefault((limit, words), []).append(enc.subfolder)
-        for (limit, words), names in cut.items():
+            cut.setdefault((limit, words), []).append(enc)
+        for (phrase, limit, length), encs in phrases.items():
+            message = (f"benchmark {benchmark}, combination {combo.id}: the subject phrase {phrase!r} lies past the "
+                       f"{limit}-token limit (BOS/EOS included) of model {model_name}'s text encoder ({_names(encs)}; "
+                       f"the prompt has {length} tokens), so it gets no text conditioning")
+            if not truncate:
+                raise GenerationConfigError(
+                    f"{message}; shorten benchmark.combinations.{combo.id}.prompt to {limit} tokens, or set "
+                    "generation.truncate_prompt=true to generate it cut off")
+            warnings_out.append(message + " (generation.truncate_prompt=true)")
+        for (limit, words), encs in cut.items():
             warnings_out.append(f"benchmark {benchmark}, combination {combo.id}: the prompt is longer than the {limit} "
-                                f"tokens of model {model_name}'s text encoder ({', '.join(names)}); cut off: {words!r}")
-    return list(dict.fromkeys(warnings_out))
+                                f"tokens of model {model_name}'s text encoder ({', '.join(e.subfolder for e in encs)}); "
+                                f"cut off: {words!r}")
+    return warnings_out
+
+
+def _names(encs: Sequence[TextEncoderTokenizer]) -> str:
+    """``tokenizer, tokenizer_2 of model.pretrained=<repo>``: the encoders, grouped by where they come from."""
+    by_source: dict[tuple[str, str], list[str]] = {}
+    for e in encs:
+        by_source.setdefault((e.field, e.repo), []).append(e.subfolder)
+    return "; ".join(f"{', '.join(subs)} of {field}={repo}" for (field, repo), subs in by_source.items())
