@@ -16,7 +16,7 @@ import itertools
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 BAD_INPUT = 2
@@ -37,13 +37,13 @@ def one_line(message: object) -> str:
     return " ".join(lines) or type(message).__name__
 
 
-def refuse(stage: str, err: object) -> "NoReturn":  # noqa: F821 - typing only
+def refuse(stage: str, err: object) -> NoReturn:
     """Ends the process with one line ``<stage>: <message>`` and exit code 2."""
     print(f"{stage}: {one_line(err)}", file=sys.stderr)
     raise SystemExit(BAD_INPUT)
 
 
-def fail(stage: str, err: object) -> "NoReturn":  # noqa: F821 - typing only
+def fail(stage: str, err: object) -> NoReturn:
     """Ends the process with one line ``<stage>: <message>`` and exit code 1 (a failure at run time)."""
     print(f"{stage}: {one_line(err)}", file=sys.stderr)
     raise SystemExit(RUN_FAILURE)
