@@ -408,17 +408,73 @@ def record_key(record: dict, reference_digest) -> str:
     })
 
 
-def run_evaluation(cfg: DictConfig) -> EvaluationSummary:
+def check_evaluator_paths(eval_cfg: DictConfig, metrics: Sequence[str]) -> None:
+    """The evaluators' local files by kind, before any loads: SAM's checkpoint a file that exists (when a metric
+    needs SAM), a local GroundingDINO a folder that exists. Hub ids are left to the loaders, which name how to get
+    them; the tiny evaluators are written by ``eval.prepare`` when they load."""
+    if eval_cfg.get("tiny"):
+        return
+    checkpoint = OmegaConf.select(eval_cfg, "segmenter.checkpoint", default=None)
+    if checkpoint is not None and any(m in IDENTITY or m == "m_dino" for m in metrics):
+        path = Path(str(checkpoint))
+        if path.is_dir():
+            raise EvaluationError(f"eval.segmenter.checkpoint: {path} is a folder; point it at SAM's .pth file")
+        if not path.exists():
+            raise EvaluationError(
+                f"eval.segmenter.checkpoint: {path} does not exist; download {path.name} from "
+                "https://dl.fbaipublicfiles.com/segment_anything/ into eval.weights_dir (paths.weights_dir=FOLDER or "
+                "ANYMS_WEIGHTS), or point eval.segmenter.checkpoint at it")
+    detector = OmegaConf.select(eval_cfg, "detector.model_id_or_path", default=None)
+    if detector is not None and str(detector).startswith(("/", ".", "~")):
+        path = Path(str(detector)).expanduser()
+        if not path.is_dir():
+            raise EvaluationError(f"eval.detector.model_id_or_path: {detector} is not a folder; point it at GroundingDINO's "
+                                  "folder (save_pretrained's), or give the hub id IDEA-Research/grounding-dino-tiny")
+
+
+def check_evaluation(cfg: DictConfig) -> list[str]:
+    """Everything that can be wrong with the config or the run folder, before an evaluator loads or a file is
+    written (issue 32: ``scripts/evaluate.py`` runs it before Hydra makes its log folder): the metrics and
+    protocol values, the evaluators' local files, the run folder (it exists: evaluate never makes one), its records,
+    every image readable, every reference readable and large enough (when an identity metric compares with them).
+    Returns the metrics to compute; raises :class:`EvaluationError` or :class:`~runfolder.RunFolderError` naming the
+    field or file."""
+    from runfolder.references import check_references
+
+    metrics = check_metrics(list(cfg.eval.metrics))
+    check_protocol(cfg.eval)
+    if "m_dino" in metrics and "dino" not in metrics:
+        metrics.append("dino")
+    check_evaluator_paths(cfg.eval, metrics)
+    run_dir = runfolder.existing_run_dir(cfg.run_dir)
+    records = runfolder.read_records(run_dir)  # validated against the schema: names file, line and field
+    if not records:
+        raise EvaluationError(f"run_dir: {run_dir} has no records in {run_dir / runfolder.RECORDS}; run generate (or "
+                              "import_images) first")
+    check_benchmark_protocol(cfg.eval, records)
+    for r in records:
+        path = run_dir / r["image"]
+        decode_image(path, read_image_bytes(path), verify_only=True)
+    # the references the identity metrics compare with (no other metric reads them): checked here, not after the
+    # evaluators have loaded
+    if any(m in IDENTITY for m in metrics):
+        try:
+            check_references(p for r in records for s in r["subjects"] for p in s["references"])
+        except ReferenceImageError as err:
+            raise EvaluationError(str(err)) from None
+    return metrics
+
+
+def run_evaluation(cfg: DictConfig, metrics: list[str] | None = None) -> EvaluationSummary:
     """Scores the run folder's images not scored yet (by content, see :class:`ScoreStore`), one at a time:
     each is read, hashed, decoded, scored, committed and released before the next; then merges
     ``metrics.parquet`` and ``detections.parquet`` for the images the records name now. One evaluation per
     run folder at a time (``locks/evaluate.metrics.lock``)."""
     from runfolder.lock import writer_lock
 
-    metrics = check_metrics(list(cfg.eval.metrics))
-    check_protocol(cfg.eval)
-    if "m_dino" in metrics and "dino" not in metrics:
-        metrics.append("dino")
+    # before the lock: a refused command leaves the run folder as it was (metrics: the check's result when the entry
+    # point has already run it)
+    metrics = list(metrics) if metrics is not None else check_evaluation(cfg)
     run_dir = Path(cfg.run_dir)
     with writer_lock(run_dir, "evaluate", "metrics"):
         return _run_evaluation(cfg, run_dir, metrics)

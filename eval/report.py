@@ -564,21 +564,52 @@ def write_attention_report(out, rows: pd.DataFrame, table: pd.DataFrame, header_
     return shown
 
 
-def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None,
-               figures: dict | None = None, split: bool = False) -> dict:
-    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv}, the HTML report (index.html, methods/,
-    images/, regions/, assets/: eval/html_report.py) and report.json into ``out_dir``; with attention maps in
-    the runs also attention.{md,csv} and attention/ figures (``figures["attention"]`` (combination, seed)
-    pairs, default 4). A row is one method under one configuration: a method whose
-    images were made with different settings (or in run folders that cannot say theirs) is refused naming
-    the fields, or with ``split`` shown as one row per setting, ``method [field=value]``."""
+@dataclass
+class ReportInputs:
+    """What :func:`check_report` read and checked: the report's input, before anything is written."""
+    runs: list
+    metrics: pd.DataFrame
+    detections: pd.DataFrame
+    records: pd.DataFrame
+    record_runs: list
+
+
+def check_out_dir(out_dir) -> None:
+    """``out_dir`` is a folder or can be made: not a file, not under one."""
+    import runfolder
+    from eval.evaluate import EvaluationError
+
+    try:
+        runfolder.checked_folder(out_dir, "out_dir", "out_dir=FOLDER")
+    except runfolder.RunFolderError as err:
+        raise EvaluationError(str(err)) from None
+
+
+def check_report(run_dirs: Sequence, out_dir, bootstrap: dict, figures: dict | None = None,
+                 split: bool = False) -> ReportInputs:
+    """Everything that can be wrong with a report's input, before anything is written (issue 32:
+    ``scripts/report.py`` runs it before Hydra makes its log folder under ``out_dir``): every run folder
+    evaluated and unchanged since, the same evaluation config, one configuration per method (or ``split``), the
+    figures' pairs, the bootstrap settings, and ``out_dir`` a folder. Raises :class:`EvaluationError` or
+    :class:`~runfolder.RunFolderError` naming the field or file."""
     from pathlib import Path
 
     import runfolder
-    from eval.attention import attention_rows, write_attention_figures
     from eval.evaluate import EvaluationError
-    from eval.html_report import html_table, write_html_report
 
+    if not run_dirs:
+        raise EvaluationError("run_dir: no run folder given; give run_dir=runs/NAME or run_dirs=[runs/A,runs/B]")
+    for d in run_dirs:
+        runfolder.existing_run_dir(d, "run_dirs" if len(run_dirs) > 1 else "run_dir")
+    check_out_dir(out_dir)
+    for key in ("samples", "ap_samples", "seed"):
+        value = bootstrap.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "seed" else 1):
+            raise EvaluationError(f"bootstrap.{key}: expected an integer >= {0 if key == 'seed' else 1}, got {value!r}")
+    try:
+        check_resample(bootstrap.get("resample", "two_level"))
+    except ValueError as err:
+        raise EvaluationError(str(err)) from None
     figures = dict(figures or {})
 
     runs = [_read_run(d) for d in run_dirs]
@@ -614,6 +645,28 @@ def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | N
     metrics = pd.concat(metric_parts, ignore_index=True)
     detections = pd.concat(detection_parts, ignore_index=True)
     records = pd.DataFrame(record_dicts)
+    return ReportInputs(runs, metrics, detections, records, record_runs)
+
+
+def run_report(run_dirs: Sequence, out_dir, bootstrap: dict, wandb_cfg: dict | None = None,
+               figures: dict | None = None, split: bool = False, checked: ReportInputs | None = None) -> dict:
+    """Writes table1/table2 (md, csv, tex), fig4.png, overlap.{md,csv}, the HTML report (index.html, methods/,
+    images/, regions/, assets/: eval/html_report.py) and report.json into ``out_dir``; with attention maps in
+    the runs also attention.{md,csv} and attention/ figures (``figures["attention"]`` (combination, seed)
+    pairs, default 4). A row is one method under one configuration: a method whose
+    images were made with different settings (or in run folders that cannot say theirs) is refused naming
+    the fields, or with ``split`` shown as one row per setting, ``method [field=value]``. ``checked``: what
+    :func:`check_report` returned for these arguments (it runs here otherwise)."""
+    from pathlib import Path
+
+    import runfolder
+    from eval.attention import attention_rows, write_attention_figures
+    from eval.html_report import html_table, write_html_report
+
+    figures = dict(figures or {})
+    checked = checked if checked is not None else check_report(run_dirs, out_dir, bootstrap, figures, split)
+    runs, metrics, detections, records, record_runs = (checked.runs, checked.metrics, checked.detections,
+                                                       checked.records, checked.record_runs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     header, tiny = models_header(records, [r[3] for r in runs])

@@ -112,25 +112,35 @@ def planned_images(run_dir: str | os.PathLike) -> set[str]:
 def checked_run_dir(run_dir: str | os.PathLike) -> Path:
     """``run_dir`` as a folder that is or can be made: not a file, not under a file (else :class:`RunFolderError`
     naming it)."""
-    path = Path(str(run_dir))
+    return checked_folder(run_dir, "run_dir", "run_dir=runs/NAME")
+
+
+def checked_folder(folder: str | os.PathLike, field: str, example: str) -> Path:
+    """``folder`` as a folder that is or can be made: not a file, not under a file (else :class:`RunFolderError`
+    naming ``field`` and, as the fix, ``example``)."""
+    path = Path(str(folder))
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 what = "is a file" if p == path else f"lies under {p}, which is a file"
-                raise RunFolderError(f"run_dir: {path} {what}; give a folder (run_dir=runs/NAME)")
+                raise RunFolderError(f"{field}: {path} {what}; give a folder ({example})")
             break
     return path
 
 
-def check_run_dir_argument(argv: list[str], stage: str) -> None:
-    """For entry points, before Hydra makes its log folder under ``run_dir``: a ``run_dir=`` argument that is a
-    file or lies under one ends the process with one line (Hydra would fail with a traceback first)."""
-    for arg in argv[1:]:
-        if arg.startswith(("run_dir=", "+run_dir=", "++run_dir=")):
-            try:
-                checked_run_dir(arg.split("=", 1)[1])
-            except RunFolderError as err:
-                raise SystemExit(f"{stage}: {err}") from None
+def existing_run_dir(run_dir: str | os.PathLike, field: str = "run_dir") -> Path:
+    """``run_dir`` as a run folder that exists (a folder with ``records/``), else :class:`RunFolderError` naming
+    ``field`` and the fix: for the stages that read one (evaluate, report, study), which must not make it."""
+    path = Path(str(run_dir))
+    if not path.exists():
+        raise RunFolderError(f"{field}: {path} does not exist; give a run folder written by generate or import_images "
+                             f"({field}=runs/NAME)")
+    if not path.is_dir():
+        raise RunFolderError(f"{field}: {path} is a file; give a run folder written by generate or import_images")
+    if not (path / RECORDS).is_dir():
+        raise RunFolderError(f"{field}: {path} has no {RECORDS}/ folder, so it is not a run folder; run generate (or "
+                             "import_images) into it first, or give the run folder they wrote")
+    return path
 
 
 def parse_shard(spec: str) -> tuple[int, int]:
@@ -186,12 +196,21 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
     """Appends one validated line; one write call, flushed to disk. A line torn by a crash at the end of the
     file (no newline after it) is cut off first, so the new record is never glued onto it; only the file's
     writer (its shard's lock held) appends, so the fragment is its own."""
+    append_records(path, [record])
+
+
+def append_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """:func:`append_record` for several records at once: all validated first, then one write call (an import
+    lands its records together)."""
     import logging
 
-    validate_record(record, str(path))
+    for record in records:
+        validate_record(record, str(path))
+    if not records:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True) + "\n"
+    line = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
     with open(path, "r+b" if path.exists() else "w+b") as f:
         data_end = f.seek(0, os.SEEK_END)
         if data_end:

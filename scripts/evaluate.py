@@ -3,6 +3,9 @@ Hydra app: see conf/evaluate.yaml.
 
     python scripts/evaluate.py run_dir=runs/smoke-tiny eval=tiny
     python scripts/evaluate.py run_dir=runs/anyms11-sdxl            # real evaluators (eval=default, the config's default)
+
+Exit codes: 2 for bad input (refused before an evaluator loads or anything is written, Hydra's log folder
+included: one line naming the field and the fix), 1 for a failure at run time.
 """
 
 import logging
@@ -10,24 +13,53 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-import runfolder  # (also registers the ${device:} resolver)
-from eval.evaluate import EvaluationError, evaluator_line, run_evaluation
-from eval.similarity import MissingWeightsError
-from runfolder.console import quiet_libraries, stage_console
-from runfolder.lock import RunFolderLockedError
+from runfolder.entry import BadInput, check_command, fail, prechecked, refuse
 
 log = logging.getLogger("scripts.evaluate")
+HINTS = {"run_dir": "run_dir=runs/NAME (the run folder to score, as generate or import_images wrote it)"}
+
+
+def bad_input_errors() -> tuple:
+    import runfolder
+    from eval.evaluate import EvaluationError
+
+    return EvaluationError, runfolder.RunFolderError
+
+
+def check(cfg: DictConfig):
+    import runfolder
+
+    try:
+        runfolder.existing_run_dir(cfg.run_dir)  # before importing torch: a quick answer
+    except runfolder.RunFolderError as err:
+        raise BadInput(str(err)) from None
+    from eval.evaluate import check_evaluation
+
+    try:
+        return check_evaluation(cfg)
+    except bad_input_errors() as err:
+        raise BadInput(str(err)) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    import runfolder  # (also registers the ${device:} resolver)
+    from eval.evaluate import evaluator_line, run_evaluation
+    from eval.similarity import MissingWeightsError
+    from runfolder.console import quiet_libraries, stage_console
+    from runfolder.lock import RunFolderLockedError
+
     quiet_libraries()
     log.info(evaluator_line(cfg.eval))  # first: which evaluators score (the tiny ones are random)
+    metrics = prechecked(cfg)
+    checked = metrics is not None
     try:
         with stage_console():
-            summary = run_evaluation(cfg)
-    except (EvaluationError, MissingWeightsError, runfolder.RunFolderError, RunFolderLockedError) as err:
-        raise SystemExit(f"evaluate: {err}") from None
+            summary = run_evaluation(cfg, metrics)
+    except bad_input_errors() as err:
+        (fail if checked else refuse)("evaluate", err)  # after the check passed: something changed while running
+    except (MissingWeightsError, runfolder.RunFolderError, RunFolderLockedError) as err:
+        fail("evaluate", err)
     log.info(
         f"evaluate: {len(summary.scored)} image(s) scored, {summary.skipped} already scored, of {summary.planned}"
         + (f" ({summary.seconds_per_image:.2f} s/image)" if summary.scored else "")
@@ -37,4 +69,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command("evaluate", "evaluate", check, hints=HINTS)
     main()

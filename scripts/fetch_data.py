@@ -164,6 +164,25 @@ def fetch(name: str, data_root: Path, force: bool = False, from_clone: Path | No
     return target
 
 
+def check_arguments(args) -> None:
+    """Bad arguments end the process before anything is fetched or written: one line naming the flag and the fix,
+    exit code 2 (issue 32)."""
+    from runfolder.entry import refuse
+
+    if args.from_clone is not None:
+        if len(args.dataset or []) != 1:
+            refuse("fetch_data", "--from-clone: needs exactly one --dataset (the dataset the clone holds)")
+        if not args.from_clone.is_dir():
+            refuse("fetch_data", f"--from-clone: {args.from_clone} is not a folder; give a clone of the dataset's repository")
+    root = Path(args.data_root)
+    for p in (root, *root.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == root else f"lies under {p}, which is a file"
+                refuse("fetch_data", f"--data-root: {root} {what}; give a folder (--data-root FOLDER)")
+            break
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default=os.environ.get("ANYMS_DATA_ROOT") or "data")
@@ -171,8 +190,7 @@ def main() -> None:
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--from-clone", type=Path, help="a local clone of the dataset's repository (with one --dataset)")
     args = parser.parse_args()
-    if args.from_clone is not None and len(args.dataset or []) != 1:
-        parser.error("--from-clone needs exactly one --dataset")
+    check_arguments(args)
     root = Path(args.data_root)
     root.mkdir(parents=True, exist_ok=True)
     try:

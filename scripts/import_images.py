@@ -2,6 +2,10 @@
 
     python scripts/import_images.py source=/data/mudi_outputs method=mudi benchmark=anyms11
     python scripts/evaluate.py run_dir=runs/anyms11-mudi
+
+Exit codes: 2 for bad input (refused before anything is written, Hydra's log folder included: one line naming the
+field and the fix; every source image is read first, so an import lands all its images or none), 1 for a failure
+at run time.
 """
 
 import logging
@@ -10,24 +14,55 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-import runfolder
-
-from anyms.benchmark import BenchmarkConfigError
-from anyms.generation.importer import import_images
-from runfolder.console import quiet_libraries, stage_console
+from runfolder.entry import BadInput, check_command, fail, prechecked, refuse
 
 log = logging.getLogger("scripts.import_images")
+HINTS = {"source": "source=FOLDER (the images to import, laid out as pattern says)",
+         "import_method": "method=NAME (the name its rows get in the tables)"}
+
+
+def bad_input_errors() -> tuple:
+    from anyms.benchmark import BenchmarkConfigError
+    from runfolder.references import ReferenceImageError
+
+    return BenchmarkConfigError, ReferenceImageError
+
+
+def arguments(cfg: DictConfig) -> tuple:
+    return (cfg.source, cfg.import_method, cfg.benchmark, cfg.data_root, cfg.run_dir, cfg.pattern, bool(cfg.strict),
+            bool(cfg.overwrite))
+
+
+def check(cfg: DictConfig):
+    import runfolder
+
+    try:
+        runfolder.checked_run_dir(cfg.run_dir)  # before importing torch: a quick answer
+    except runfolder.RunFolderError as err:
+        raise BadInput(str(err)) from None
+    try:
+        from anyms.generation.importer import check_import
+
+        return check_import(*arguments(cfg))
+    except bad_input_errors() as err:
+        raise BadInput(str(err)) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import")
 def main(cfg: DictConfig) -> None:
+    from anyms.generation.importer import import_images
+    from runfolder.console import quiet_libraries, stage_console
+    from runfolder.lock import RunFolderLockedError
+
     quiet_libraries()
+    plan = prechecked(cfg)
     try:
         with stage_console():
-            summary = import_images(cfg.source, cfg.import_method, cfg.benchmark, cfg.data_root, cfg.run_dir,
-                                    cfg.pattern, cfg.strict, overwrite=bool(cfg.overwrite))
-    except BenchmarkConfigError as err:
-        raise SystemExit(f"import: {err}") from None
+            summary = import_images(*arguments(cfg), plan=plan)
+    except bad_input_errors() as err:
+        (fail if plan is not None else refuse)("import", err)  # after the check passed: changed while running
+    except RunFolderLockedError as err:
+        fail("import", err)
     log.info(f"import {summary.method}: {len(summary.imported)} image(s) into {summary.run_dir}"
              + (f"; {len(summary.missing)} missing, e.g. {summary.missing[:3]}" if summary.missing else ""))
 
@@ -39,6 +74,6 @@ def method_argument(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    runfolder.check_run_dir_argument(sys.argv, "import")
     sys.argv = method_argument(sys.argv)
+    check_command("import", "import", check, hints=HINTS)
     main()

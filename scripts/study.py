@@ -5,16 +5,31 @@
     python scripts/study.py serve study_dir=runs/anyms11-tiny/study          # http://127.0.0.1:8000/
     python scripts/study.py export study_dir=runs/anyms11-tiny/study         # -> votes.csv
     python scripts/study.py report study_dir=runs/anyms11-tiny/study         # -> report/table3.*, agreement.*
+
+Exit codes: 2 for bad input (refused before anything is written: one line naming the field and the fix), 1 for a
+failure at run time.
 """
 
 import logging
 import sys
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from runfolder.entry import BadInput, check_command, fail
 
 COMMANDS = ("build", "serve", "export", "report")
 log = logging.getLogger("scripts.study")
+HINTS = {"command": "the command as the first argument: python scripts/study.py build|serve|export|report ..."}
+
+
+def check(cfg: DictConfig) -> None:
+    from eval.study.build import StudyError, check_study
+
+    try:
+        check_study(OmegaConf.to_container(cfg, resolve=True))
+    except StudyError as err:
+        raise BadInput(str(err)) from None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
@@ -27,14 +42,10 @@ def main(cfg: DictConfig) -> None:
 
     quiet_libraries()
     try:
-        if str(cfg.study_dir).startswith("None/"):
-            raise StudyError("give study_dir=... (or run_dir=..., whose study/ folder is the default)")
         if cfg.command == "build":
             from eval.study.build import build_study
 
             run_dirs = list(cfg.run_dirs) if cfg.run_dirs else ([cfg.run_dir] if cfg.run_dir else [])
-            if not run_dirs:
-                raise StudyError("build needs run_dir=... or run_dirs=[...]")
             study = build_study(run_dirs, cfg.study_dir, int(cfg.n_cases),
                                 list(cfg.methods) if cfg.methods else None, int(cfg.seed), str(cfg.name),
                                 bool(cfg.overwrite))
@@ -56,14 +67,13 @@ def main(cfg: DictConfig) -> None:
 
             files = write_study_report(cfg.study_dir, cfg.out_dir, int(cfg.bootstrap.samples), int(cfg.bootstrap.seed))
             log.info(f"study report: {', '.join(files)}\n  in {cfg.out_dir}")
-        else:
-            raise StudyError(f"command must be one of {', '.join(COMMANDS)}, got {cfg.command!r}")
     except (StudyError, StoreError, runfolder.RunFolderError) as err:
-        raise SystemExit(f"study {cfg.command}: {err}") from None
+        fail(f"study {cfg.command}", err)  # the check ran before Hydra started: this failed while running
 
 
 if __name__ == "__main__":
     # `study.py build k=v ...`: the first argument is the command
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv[1] = f"command={sys.argv[1]}"
+    check_command("study", "study", check, hints=HINTS)
     main()

@@ -175,14 +175,25 @@ def test_missing_data_root_names_the_fix(tmp_path):
 @needs_data
 @needs_data
 def test_a_missing_model_gives_one_clear_error(tmp_path):
+    from anyms.tiny import clip_tokenizer
+
     cfg = make_cfg(tmp_path / "run", "model=sd15", "model.pretrained=/nonexistent/sd15", "benchmark=smoke")
     with pytest.raises(GenerationConfigError, match=r"model.pretrained: /nonexistent/sd15 does not exist"):
         run_generation(cfg)
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = make_cfg(tmp_path / "run", "model=sd15", f"model.pretrained={empty}", "benchmark=smoke")
-    with pytest.raises(ModelLoadError, match=rf"model 'sd15': cannot load the pipeline '{empty}'.*check model.pretrained"):
+    with pytest.raises(GenerationConfigError, match=rf"model.pretrained: {empty} has no model_index.json"):
+        run_generation(cfg)  # refused before anything is written (issue 32)
+    broken = tmp_path / "broken"  # a pipeline folder that does not load: refused by the loader
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", '
+                                             '"unet": ["diffusers", "UNet2DConditionModel"]}')
+    clip_tokenizer(broken / "tokenizer").save_pretrained(broken / "tokenizer")  # the check reads it before any load
+    cfg = make_cfg(tmp_path / "run", "model=sd15", f"model.pretrained={broken}", "benchmark=smoke")
+    with pytest.raises(ModelLoadError, match=rf"model 'sd15': cannot load the pipeline '{broken}'.*check model.pretrained"):
         run_generation(cfg)
+    assert not (tmp_path / "run" / "plans").exists()  # the model loads before the plan is written
 
 
 @needs_data

@@ -120,9 +120,9 @@ def test_the_script_prints_one_line_and_writes_nothing(override, message, tmp_pa
     cmd = [sys.executable, str(REPO / "scripts/generate.py"), "model=tiny", "benchmark=smoke", override,
            f"run_dir={tmp_path / 'run'}", f"data_root={DATA}", "wandb=disabled", "progress=false"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr  # 2: bad input (issue 32)
     assert out.stderr.strip().splitlines()[-1] == message
-    assert not (tmp_path / "run" / "images").exists() and not (tmp_path / "run" / "plans").exists()
+    assert not (tmp_path / "run").exists()  # not even Hydra's log folder (issue 32)
 
 
 # --- normalization: the same for generation and evaluation -------------------------------------------------
@@ -173,9 +173,11 @@ def test_the_script_refuses_a_run_dir_that_is_a_file_before_hydra_writes_its_log
     blocker.write_text("x")
     run_dir = blocker / "run" if under else blocker
     for script in ("generate.py", "import_images.py"):
-        cmd = [sys.executable, str(REPO / "scripts" / script), f"run_dir={run_dir}"]
+        # import's required keys given (each command's check names the first thing missing: issue 32)
+        given = [f"source={tmp_path}", "method=mudi"] if script == "import_images.py" else []
+        cmd = [sys.executable, str(REPO / "scripts" / script), *given, f"run_dir={run_dir}"]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]  # 2: bad input (issue 32)
         stage = "generate" if script == "generate.py" else "import"
         assert out.stderr.strip().splitlines()[-1].startswith(f"{stage}: run_dir: {run_dir} ")
     assert blocker.read_text() == "x"

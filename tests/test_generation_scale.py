@@ -168,7 +168,9 @@ def test_fetch_data_offline_says_what_failed_and_how_to_place_it(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "scripts/fetch_data.py"), "--data-root", str(tmp_path / "d"),
                           "--dataset", "dreambench", "--from-clone", str(tmp_path / "no-clone")],
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "Traceback" not in out.stderr and out.stderr.startswith("fetch_data: dreambench:")
+    # a clone that is not there is bad input: refused before anything is fetched or written (issue 32)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.startswith("fetch_data: --from-clone:")
+    assert not (tmp_path / "d").exists()
 
     # a clone made elsewhere: copied, and the commit recorded
     repo = tmp_path / "clone"

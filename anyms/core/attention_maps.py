@@ -94,7 +94,7 @@ class AttentionMapSettings:
 def phrase_token_positions(tokenizer, prompt: str, phrase: str) -> list[int]:
     """Positions of the phrase's tokens in the tokenized prompt (special tokens counted, as the text
     encoder sees them): the first place the whole phrase occurs, else every prompt token that is one of the
-    phrase's tokens, else none."""
+    phrase's tokens, else none. A phrase cut off with the prompt (:func:`phrase_cut_off`) has none."""
     prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True).input_ids
     phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
@@ -102,15 +102,28 @@ def phrase_token_positions(tokenizer, prompt: str, phrase: str) -> list[int]:
     for start in range(len(prompt_ids) - n + 1):
         if n and prompt_ids[start:start + n] == phrase_ids:
             return list(range(start, start + n))
+    if phrase_cut_off(tokenizer, prompt, phrase):
+        return []  # its tokens elsewhere in the prompt are other words, not this subject's phrase
     special = set(tokenizer.all_special_ids)
     return [i for i, t in enumerate(prompt_ids) if t in set(phrase_ids) and t not in special]
+
+
+def phrase_cut_off(tokenizer, prompt: str, phrase: str) -> bool:
+    """Whether the whole phrase occurs in the prompt's tokens only past the text encoder's limit
+    (``tokenizer.model_max_length``, BOS and EOS included), so truncation cuts it off."""
+    full = tokenizer(prompt, truncation=False, verbose=False).input_ids
+    phrase_ids = tokenizer(phrase, add_special_tokens=False).input_ids
+    n, kept = len(phrase_ids), tokenizer.model_max_length - 1  # the last kept position is EOS
+    starts = [i for i in range(len(full) - n + 1) if n and full[i:i + n] == phrase_ids]
+    return bool(starts) and starts[0] + n > kept
 
 
 class AttentionRecorder:
     """Accumulates the maps of one image. Made by the pipeline for each call (see :meth:`attached`)."""
 
     def __init__(self, settings: AttentionMapSettings, layout: Layout, grids: Sequence[tuple[int, int]],
-                 latent_hw: tuple[int, int], phrase_positions: Sequence[Sequence[int]], cfg: bool):
+                 latent_hw: tuple[int, int], phrase_positions: Sequence[Sequence[int]], cfg: bool,
+                 cut_off: Sequence[bool] | None = None):
         self.settings, self.layout, self.latent_hw = settings, layout, tuple(latent_hw)
         self.grids = [tuple(g) for g in grids]
         self.phrase_positions = [list(p) for p in phrase_positions]
@@ -122,7 +135,11 @@ class AttentionRecorder:
         self._calls: dict[tuple[int, int], int] = {g: 0 for g in self.grids}
         self._steps: set[int] = set()
         for j, (s, pos) in enumerate(zip(layout, self.phrase_positions)):
-            if not pos:
+            if not pos and cut_off is not None and cut_off[j]:
+                warnings.warn(f"attention maps: the phrase {s.phrase!r} of subject {s.name!r} lies past the text "
+                              "encoder's token limit and was cut off with the prompt (generation.truncate_prompt=true); "
+                              "its text map is zero", stacklevel=2)
+            elif not pos:
                 warnings.warn(f"attention maps: the phrase {s.phrase!r} of subject {s.name!r} is not in the prompt's "
                               "tokens; its text map is zero", stacklevel=2)
 

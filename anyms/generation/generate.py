@@ -22,6 +22,7 @@ from anyms.core.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
 from anyms.core.layout import LayoutWarning
 from anyms.methods.base import GenerationConfigError, GenerationSettings, ModelLoadError, check_local_paths
+from anyms.methods.loading import check_hub_cache
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
 from runfolder.lock import writer_lock
@@ -119,6 +120,20 @@ def model_identity(model_cfg: DictConfig, method_cfg: DictConfig | None = None) 
     return identities(model_cfg, method_cfg)[0]
 
 
+# generation settings that are hashed (and written to records) only when they differ from their default, so that
+# adding them changed no existing config hash
+UNHASHED_DEFAULTS = {"truncate_prompt": False}
+
+
+def generation_identity(generation_cfg: DictConfig) -> dict:
+    """The generation settings as hashed and recorded: those of :data:`UNHASHED_DEFAULTS` left out at their default."""
+    plain = OmegaConf.to_container(generation_cfg, resolve=True)
+    for key, default in UNHASHED_DEFAULTS.items():
+        if key in plain and plain[key] == default:
+            del plain[key]
+    return plain
+
+
 def image_config_hash(cfg: DictConfig, combo: Combination, seed: int, model_ids: dict | None = None,
                       method_ids: dict | None = None) -> str:
     """Hash of everything that decides one image: model (resolved dtype, device type, threads) and method as
@@ -129,7 +144,7 @@ def image_config_hash(cfg: DictConfig, combo: Combination, seed: int, model_ids:
     return runfolder.config_hash({
         "model": model_ids,
         "method": method_ids,
-        "generation": OmegaConf.to_container(cfg.generation, resolve=True),
+        "generation": generation_identity(cfg.generation),
         "combination": combo.definition,
         "references": [file_digest(s.image) for s in combo.layout],
         "seed": int(seed),
@@ -168,6 +183,9 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
     negative = g.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         raise GenerationConfigError(f"generation.negative_prompt: expected a string, got {negative!r}")
+    truncate = g.get("truncate_prompt", False)
+    if not isinstance(truncate, bool):
+        raise GenerationConfigError(f"generation.truncate_prompt: expected true or false, got {truncate!r}")
     scale = _number(m, "adapter_scale", float, "method", optional=True)  # methods without an adapter: none
     scale = 1.0 if scale is None else scale
     full = _number(m, "full_frame_adapter_scale", float, "method", optional=True)
@@ -177,13 +195,40 @@ def generation_settings(cfg: DictConfig) -> GenerationSettings:
 
 def check_model_paths(model_cfg: DictConfig, method_cfg: DictConfig | None) -> None:
     """Local paths must exist (hub ids are left to the loader, which names how to get them): the base model's
-    here, the method's weights by the method's own ``check`` (which also refuses a base model it has no weights
-    for). Tiny models are written by the loader itself, so their folders may not exist yet."""
-    if not model_cfg.get("tiny"):
-        check_local_paths({"model.pretrained": model_cfg.get("pretrained")})
+    here, as a pipeline folder, the method's weights by the method's own ``check`` (which also refuses a base
+    model it has no weights for). Tiny models are written by the loader itself under ``model.tiny_root``, so
+    their folders may not exist yet; a tiny ``model.pretrained`` elsewhere must. Offline (``HF_HUB_OFFLINE``),
+    hub ids must be in the local cache."""
+    pretrained = model_cfg.get("pretrained")
+    if model_cfg.get("tiny"):
+        root = model_cfg.get("tiny_root")
+        if root is not None and Path(str(root)).exists() and not Path(str(root)).is_dir():
+            raise GenerationConfigError(f"model.tiny_root: {root} is a file; give a folder for the tiny models "
+                                        "(paths.cache_dir=FOLDER)")
+        inside = root is not None and Path(str(root)).resolve() in Path(str(pretrained)).resolve().parents
+        if pretrained is not None and not inside and not Path(str(pretrained)).exists():
+            raise GenerationConfigError(f"model.pretrained: {pretrained} does not exist, and the tiny models are written "
+                                        f"under model.tiny_root ({root}); point it there, e.g. model.pretrained=${{model.tiny_root}}/sdxl")
+    else:
+        check_local_paths({"model.pretrained": pretrained})
+        check_pipeline_folder("model.pretrained", pretrained)
+        check_hub_cache("model.pretrained", pretrained, "model_index.json")
     if method_cfg is not None:
         method_class(method_cfg).check(OmegaConf.to_container(method_cfg, resolve=True),
                                        OmegaConf.to_container(model_cfg, resolve=True))
+
+
+def check_pipeline_folder(field: str, value) -> None:
+    """A local ``model.pretrained`` is a diffusers pipeline folder: a folder with model_index.json."""
+    if value is None:
+        return
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise GenerationConfigError(f"{field}: {value} is a file; point it at the pipeline's folder (the one that "
+                                    "holds model_index.json)")
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        raise GenerationConfigError(f"{field}: {value} has no model_index.json, so it is not a diffusers pipeline "
+                                    "folder; point it at the folder save_pretrained wrote (or a hub id)")
 
 
 def attention_map_settings(cfg: DictConfig) -> AttentionMapSettings | None:
@@ -216,8 +261,27 @@ def load_model(model_cfg: DictConfig, method_cfg: DictConfig):
         raise
 
 
-def run_generation(cfg: DictConfig) -> GenerationSummary:
-    # everything that can be wrong with the config or the data fails here, before a model loads or a file is written
+@dataclass
+class GenerationPlan:
+    """A generation command as checked by :func:`check_generation`: everything it needs before a model loads."""
+    run_dir: Path
+    method: str
+    shard: tuple[int, int]
+    work: list
+    seeds: list[int]
+    settings: GenerationSettings
+    record: AttentionMapSettings | None
+    ids: tuple[dict, dict | None]
+    warnings: list[str] = field(default_factory=list)  # logged when the command runs (the words a prompt loses)
+
+
+def check_generation(cfg: DictConfig) -> GenerationPlan:
+    """Everything that can be wrong with the config or the data, before a model loads or a file is written
+    (issue 32: ``scripts/generate.py`` runs it before Hydra makes its log folder): the benchmark, seeds, shard,
+    settings, the run folder's kind, the model's and method's paths, every reference image of the shard and every
+    prompt against the text encoders' token limits. Raises one of the stage's config errors, naming the field."""
+    from anyms.generation.prompts import check_prompts, text_encoder_tokenizers
+
     combos = load_combinations(cfg.benchmark, cfg.data_root)
     seeds = parse_seeds(cfg.benchmark.seeds)
     shard = runfolder.parse_shard(cfg.shard)
@@ -232,12 +296,26 @@ def run_generation(cfg: DictConfig) -> GenerationSummary:
     model_ids, method_ids = identities(cfg.model, cfg.method)
     work = [(c, s) for c in combos for s in seeds]
     work = work[shard[0] :: shard[1]]
+    shard_combos = list({c.id: c for c, _ in work}.values())
     # every reference of the shard's combinations (the adapter's and the evaluator's), decoded and checked once
-    check_references(p for c in {c.id: c for c, _ in work}.values() for refs in c.references for p in refs)
+    check_references(p for c in shard_combos for refs in c.references for p in refs)
+    model, method_plain = (OmegaConf.to_container(x, resolve=True) for x in (cfg.model, cfg.method))
+    encoders = text_encoder_tokenizers(method_class(cfg.method), method_plain, model)
+    warned = check_prompts(shard_combos, encoders, str(model.get("name")), str(cfg.benchmark.get("name", "?")),
+                           truncate=bool(cfg.generation.get("truncate_prompt", False)))
+    return GenerationPlan(run_dir, method, shard, work, seeds, settings, record, (model_ids, method_ids), warned)
 
+
+def run_generation(cfg: DictConfig, plan: GenerationPlan | None = None) -> GenerationSummary:
+    # everything that can be wrong with the config or the data fails here, before a model loads or a file is
+    # written (plan: the check's result when the entry point has already run it)
+    plan = plan if plan is not None else check_generation(cfg)
+    for line in plan.warnings:
+        log.warning(line)
     # one writer per (run folder, method, shard): a second one stops here, naming the first
-    with writer_lock(run_dir, "generate", f"{method}.{shard[0]}-of-{shard[1]}"):
-        return _generate(cfg, run_dir, method, shard, work, seeds, settings, record, (model_ids, method_ids))
+    with writer_lock(plan.run_dir, "generate", f"{plan.method}.{plan.shard[0]}-of-{plan.shard[1]}"):
+        return _generate(cfg, plan.run_dir, plan.method, plan.shard, plan.work, plan.seeds, plan.settings, plan.record,
+                         plan.ids)
 
 
 def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, record, model_ids) -> GenerationSummary:
@@ -246,7 +324,6 @@ def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, rec
     if removed:
         log.warning("removed %d temporary file(s) left by an interrupted run of %s (shard %d/%d)",
                     removed, method, *shard)
-    runfolder.write_plan(run_dir, method, shard, [runfolder.image_path(method, c.id, s) for c, s in work])
     done = {r["image"]: r for r in runfolder.read_records(run_dir) if r["method"] == method}
 
     def finished(rel: str, h: str) -> bool:
@@ -264,10 +341,13 @@ def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, rec
             summary.skipped += 1
         else:
             todo.append((combo, seed, rel, h))
+    # the model loads before the plan is written: a model that cannot load leaves the plan as it was
+    pipeline = load_model(cfg.model, cfg.method) if todo else None
+    runfolder.write_plan(run_dir, method, shard, [runfolder.image_path(method, c.id, s) for c, s in work])
     if not todo:
         log.info("nothing to generate: %d image(s) already in %s", summary.skipped, run_dir)
     else:
-        _generate_images(cfg, run_dir, method, shard, todo, settings, record, model_ids, summary)
+        _generate_images(cfg, pipeline, run_dir, method, shard, todo, settings, record, model_ids, summary)
     sheets = []
     if cfg.contact_sheets:  # also the sheets an interrupted run never drew
         with writer_lock(run_dir, "sheets", method, wait=True):  # shards of a method share the sheets
@@ -278,9 +358,8 @@ def _generate(cfg, run_dir: Path, method: str, shard, work, seeds, settings, rec
     return summary
 
 
-def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, record, ids, summary) -> None:
+def _generate_images(cfg, pipeline, run_dir: Path, method: str, shard, todo, settings, record, ids, summary) -> None:
     model_ids, method_ids = ids
-    pipeline = load_model(cfg.model, cfg.method)
     records = runfolder.records_file(run_dir, method, shard)
     prov = runfolder.provenance(pipeline.device)  # the hardware that runs this model, never hashed
     start = time.perf_counter()
@@ -307,7 +386,7 @@ def _generate_images(cfg, run_dir: Path, method: str, shard, todo, settings, rec
                 "model": model_ids, "config_hash": h, "versions": prov["versions"], "git_hash": prov["git_hash"],
                 # what decides the images besides the model: the report splits or refuses rows that differ here
                 "settings": {"method": method_ids,
-                             "generation": OmegaConf.to_container(cfg.generation, resolve=True)},
+                             "generation": generation_identity(cfg.generation)},
                 "device": str(pipeline.device), "hardware": prov["hardware"], "dtype": str(pipeline.dtype).replace("torch.", ""),
                 "seconds": result.seconds, "peak_memory_bytes": result.peak_memory_bytes, "first_in_process": n == 0,
                 "overlap_shares": {f"{h}x{w}": combo.layout.overlap_share(h, w) for h, w in {grids[0], grids[-1]}},

@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 import runfolder
 from anyms.benchmark import BenchmarkConfigError, load_combinations, parse_seeds
 from runfolder.lock import writer_lock
-from runfolder.references import normalize
+from runfolder.references import check_references, normalize
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -54,57 +54,111 @@ def check_not_overwriting(run_dir: Path, method: str, source: Path) -> None:
             f"would replace them. Choose another method name, another run_dir, or overwrite=true to replace them")
 
 
-def import_images(source: str | Path, method: str, benchmark, data_root, run_dir: str | Path,
-                  pattern: str = "{combination}/{seed}", strict: bool = False, overwrite: bool = False) -> ImportSummary:
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", method):
+@dataclass
+class ImportPlan:
+    """An import as checked by :func:`check_import`: every source image found and readable."""
+    source: Path
+    method: str
+    run_dir: Path
+    found: list  # (combination, seed, source image path)
+    missing: list[str]
+    benchmark_name: str
+
+
+def _read_source(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            im.load()  # decodes every byte: a truncated file fails here
+            return normalize(im)  # 16-bit and transparency as references are read
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise BenchmarkConfigError(f"source image {path}: not a readable image ({err}); replace it, or move it out of "
+                                   "source (it then counts as missing)") from None
+
+
+def check_import(source: str | Path, method: str, benchmark, data_root, run_dir: str | Path,
+                 pattern: str = "{combination}/{seed}", strict: bool = False, overwrite: bool = False) -> ImportPlan:
+    """Everything that can be wrong with an import, before anything is written (issue 32): the method's name, the
+    source folder and pattern, the benchmark, the run folder's kind, every reference image, every source image
+    (decoded in full), the images missing when ``strict``, and images of ``method`` it would replace. Raises
+    :class:`BenchmarkConfigError` or :class:`~runfolder.references.ReferenceImageError` naming the field or file."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(method)):
         raise BenchmarkConfigError(f"method {method!r}: use letters, digits, '.', '_' or '-' (it names a folder)")
-    source = Path(source)
+    source = Path(str(source))
+    if not source.exists():
+        raise BenchmarkConfigError(f"source: {source} does not exist; give the folder of the images to import (source=FOLDER)")
     if not source.is_dir():
-        raise BenchmarkConfigError(f"source {source}: not a folder of images")
+        raise BenchmarkConfigError(f"source: {source} is a file; give the folder of the images to import (source=FOLDER)")
+    try:
+        pattern.format(combination="c", seed=0)
+    except (KeyError, IndexError, ValueError) as err:
+        raise BenchmarkConfigError(f"pattern: {pattern!r} is not a path pattern ({type(err).__name__}: {err}); use the "
+                                   "placeholders {combination} and {seed}, e.g. pattern='{combination}/{seed}'") from None
+    try:
+        run_dir = runfolder.checked_run_dir(run_dir)
+    except runfolder.RunFolderError as err:
+        raise BenchmarkConfigError(str(err)) from None
     combos = load_combinations(benchmark, data_root)
     seeds = parse_seeds(benchmark.seeds)
-    run_dir = Path(run_dir)
-    with writer_lock(run_dir, "generate", f"{method}.0-of-1"):  # the records file a generation of it would write
-        if not overwrite:
-            check_not_overwriting(run_dir, method, source)
-        return _import(source, method, combos, seeds, run_dir, pattern, strict, benchmark.get("name", "?"))
-
-
-def _import(source: Path, method: str, combos, seeds, run_dir: Path, pattern: str, strict: bool,
-            benchmark_name: str) -> ImportSummary:
-    summary = ImportSummary(run_dir, method)
-    records = runfolder.records_file(run_dir, method, (0, 1))
-    prov = runfolder.provenance()
+    # the references of every combination (the evaluator compares with them), as generate checks them
+    check_references(p for c in combos for refs in c.references for p in refs)
+    found, missing = [], []
     for combo in combos:
         for seed in seeds:
             path = find_image(source, pattern, combo.id, seed)
-            label = pattern.format(combination=combo.id, seed=seed)
             if path is None:
-                summary.missing.append(label)
-                continue
-            try:
-                with Image.open(path) as im:
-                    im.load()
-                    image = normalize(im)  # 16-bit and transparency as references are read
-            except (UnidentifiedImageError, OSError) as err:
-                raise BenchmarkConfigError(f"{path}: not a readable image ({err})") from None
-            rel = runfolder.image_path(method, combo.id, seed)
-            runfolder.save_png(image, run_dir / rel)
-            runfolder.append_record(records, {
-                "image": rel, "image_sha256": runfolder.file_digest(run_dir / rel), "combination": combo.id,
-                "method": method, "seed": int(seed), "prompt": combo.prompt, "benchmark": str(benchmark_name),
-                "n_subjects": len(combo.layout), "width": image.width, "height": image.height,
-                "subjects": [{"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box),
-                              "scale": s.scale, "references": [str(p) for p in refs]}
-                             for s, refs in zip(combo.layout, combo.references)],
-                "model": {"name": f"external:{method}", "source": str(source)},  # check_not_overwriting reads it
-                "config_hash": runfolder.config_hash({"source_image": runfolder.file_digest(path),
-                                                      "combination": combo.definition}),
-                "versions": prov["versions"], "git_hash": prov["git_hash"], "device": "external",
-                "hardware": {"kind": "external", "label": "external (imported)"},  # made elsewhere, on unknown hardware
-                "dtype": "external", "seconds": None, "peak_memory_bytes": None, "created": time.time(),
-            })
-            summary.imported.append(rel)
-    if strict and summary.missing:
-        raise BenchmarkConfigError(f"source {source}: {len(summary.missing)} image(s) missing, e.g. {summary.missing[:3]}")
+                missing.append(pattern.format(combination=combo.id, seed=seed))
+            else:
+                _read_source(path).close()  # every image decoded before the first is written: all or none land
+                found.append((combo, seed, path))
+    if strict and missing:
+        raise BenchmarkConfigError(f"source {source}: {len(missing)} image(s) missing, e.g. {missing[:3]}; add them, "
+                                   "or strict=false to import the others")
+    if not found:
+        raise BenchmarkConfigError(f"source {source}: no image of the benchmark found as {pattern!r} (+ "
+                                   f"{'/'.join(IMAGE_SUFFIXES)}), e.g. {missing[:1]}; check source and pattern")
+    if not overwrite:
+        check_not_overwriting(run_dir, method, source)
+    return ImportPlan(source, str(method), run_dir, found, missing, str(benchmark.get("name", "?")))
+
+
+def import_images(source: str | Path, method: str, benchmark, data_root, run_dir: str | Path,
+                  pattern: str = "{combination}/{seed}", strict: bool = False, overwrite: bool = False,
+                  plan: ImportPlan | None = None) -> ImportSummary:
+    """Imports every image of ``source`` the benchmark names, all or none: every image is checked first
+    (:func:`check_import`, or ``plan``, its result), then written; the records go in with one write at the end,
+    so a run killed while writing leaves images without records (which no stage reads, and the next import
+    writes again), never records without images."""
+    plan = plan if plan is not None else check_import(source, method, benchmark, data_root, run_dir, pattern, strict,
+                                                       overwrite)
+    with writer_lock(plan.run_dir, "generate", f"{plan.method}.0-of-1"):  # the records file a generation of it would write
+        if not overwrite:  # again under the lock: another import may have landed since the check
+            check_not_overwriting(plan.run_dir, plan.method, plan.source)
+        return _import(plan)
+
+
+def _import(plan: ImportPlan) -> ImportSummary:
+    summary = ImportSummary(plan.run_dir, plan.method, missing=list(plan.missing))
+    records_path = runfolder.records_file(plan.run_dir, plan.method, (0, 1))
+    prov = runfolder.provenance()
+    records = []
+    for combo, seed, path in plan.found:
+        image = _read_source(path)
+        rel = runfolder.image_path(plan.method, combo.id, seed)
+        runfolder.save_png(image, plan.run_dir / rel)
+        records.append({
+            "image": rel, "image_sha256": runfolder.file_digest(plan.run_dir / rel), "combination": combo.id,
+            "method": plan.method, "seed": int(seed), "prompt": combo.prompt, "benchmark": plan.benchmark_name,
+            "n_subjects": len(combo.layout), "width": image.width, "height": image.height,
+            "subjects": [{"name": s.name, "phrase": s.phrase, "role": s.role, "box": list(s.box),
+                          "scale": s.scale, "references": [str(p) for p in refs]}
+                         for s, refs in zip(combo.layout, combo.references)],
+            "model": {"name": f"external:{plan.method}", "source": str(plan.source)},  # check_not_overwriting reads it
+            "config_hash": runfolder.config_hash({"source_image": runfolder.file_digest(path),
+                                                  "combination": combo.definition}),
+            "versions": prov["versions"], "git_hash": prov["git_hash"], "device": "external",
+            "hardware": {"kind": "external", "label": "external (imported)"},  # made elsewhere, on unknown hardware
+            "dtype": "external", "seconds": None, "peak_memory_bytes": None, "created": time.time(),
+        })
+        summary.imported.append(rel)
+    runfolder.append_records(records_path, records)
     return summary

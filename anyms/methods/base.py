@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from PIL import Image
 
-from anyms.core.attention_maps import AttentionMapSettings, AttentionRecorder, phrase_token_positions
+from anyms.core.attention_maps import AttentionMapSettings, AttentionRecorder, phrase_cut_off, phrase_token_positions
 from anyms.core.layout import Layout, grid_levels
 from runfolder import file_digest
 
@@ -147,7 +147,8 @@ class BasePipeline:
         latent = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         grids = record.grids(latent, self.cross_attention_grids(height, width))
         positions = [phrase_token_positions(self.pipe.tokenizer, prompt, s.phrase) for s in layout]
-        return AttentionRecorder(record, layout, grids, latent, positions, cfg)
+        cut_off = [phrase_cut_off(self.pipe.tokenizer, prompt, s.phrase) for s in layout]
+        return AttentionRecorder(record, layout, grids, latent, positions, cfg, cut_off=cut_off)
 
     def _recording(self, recorder: AttentionRecorder | None, method: str):
         return recorder.attached(self.pipe.unet, method) if recorder is not None else nullcontext()
@@ -169,6 +170,14 @@ class BasePipeline:
     @classmethod
     def check(cls, method: Mapping, model: Mapping) -> None:
         """Before anything loads: raise naming the field when the method cannot run on this base model."""
+
+    @classmethod
+    def text_encoders(cls, method: Mapping, model: Mapping) -> list[tuple[str, str, str]]:
+        """Before anything loads: the tokenizers of the text encoders the prompt goes through, as ``(config
+        field, repo id or folder, subfolder)``, for checking prompts against their token limits; by default
+        the base model's (SDXL has two)."""
+        subfolders = ("tokenizer", "tokenizer_2") if model.get("kind") == "sdxl" else ("tokenizer",)
+        return [("model.pretrained", str(model["pretrained"]), sub) for sub in subfolders]
 
     @classmethod
     def identity(cls, method: Mapping, model_ids: Mapping) -> tuple[dict, dict]:

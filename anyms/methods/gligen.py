@@ -66,6 +66,12 @@ class GLIGEN(BasePipeline):
             check_local_paths({f"method.weights.{model['name']}.repo": entry.get("repo")})
 
     @classmethod
+    def text_encoders(cls, method: Mapping, model: Mapping) -> list[tuple[str, str, str]]:
+        """GLIGEN's own pipeline encodes the prompt (it replaces the base model)."""
+        entry = weights_for(method, model, cls.WEIGHTS)
+        return [(f"method.weights.{model['name']}.repo", str(entry["repo"]), "tokenizer")]
+
+    @classmethod
     def identity(cls, method: Mapping, model_ids: Mapping) -> tuple[dict, dict]:
         """GLIGEN's own pipeline as the model (it replaces the base model), with the run's device, dtype and
         threads; the method's settings without the weight table."""

@@ -25,6 +25,7 @@ from anyms.core.layout import Layout
 from anyms.methods.base import (BasePipeline, GenerationConfigError, GenerationResult, GenerationSettings, ModelLoadError,
                                 check_local_paths, frozen,
                                 peak_memory_bytes)
+from anyms.methods.loading import check_hub_cache
 from runfolder.references import load_reference
 
 STOCK_JOINT = "ip_adapter_joint"
@@ -167,4 +168,7 @@ class IPAdapterMethod(AnyMSPipeline):
         if method.get("attention", "fused") not in ATTENTION_KINDS:
             raise GenerationConfigError(f"method.attention {method.get('attention')!r}: use one of {ATTENTION_KINDS}")
         if not model.get("tiny"):
-            check_local_paths({"model.ip_adapter.repo": (model.get("ip_adapter") or {}).get("repo")})
+            adapter = model.get("ip_adapter") or {}
+            check_local_paths({"model.ip_adapter.repo": adapter.get("repo")})
+            where = "/".join(str(p) for p in (adapter.get("subfolder"), adapter.get("weight_name")) if p)
+            check_hub_cache("model.ip_adapter.repo", adapter.get("repo"), where)

@@ -9,11 +9,12 @@ checkpoint) it loads itself (see :mod:`anyms.methods.base`).
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
-from anyms.methods.base import ModelLoadError
+from anyms.methods.base import GenerationConfigError, ModelLoadError
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
 
@@ -82,3 +83,20 @@ def load_base(model: Mapping) -> tuple:
                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
     return pipe, dev
 
+
+def check_hub_cache(field: str, repo, filename: str) -> None:
+    """Offline (``HF_HUB_OFFLINE``), a hub id must have ``filename`` in the local cache: else one error naming the
+    field and how to get it, before anything is written (the loader would fail only after the plan was)."""
+    import os
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if repo is None or Path(str(repo)).expanduser().exists() or not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        found = try_to_load_from_cache(str(repo), filename)
+    except ValueError:  # not a valid repo id: check_local_paths already refused it as a path
+        found = None
+    if not isinstance(found, str) or not os.path.exists(found):
+        raise GenerationConfigError(f"{field}: {repo} is not in the Hugging Face cache ({filename} missing) and "
+                                    f"HF_HUB_OFFLINE is set; {how_to_get(field, str(repo))}")

@@ -71,6 +71,74 @@ def _candidates(run_dirs: Sequence[str | os.PathLike], methods: Sequence[str] | 
     return chosen, cases
 
 
+COMMANDS = ("build", "serve", "export", "report")
+
+
+def _folder_to_write(field: str, value) -> Path:
+    """A folder that is or can be made: not a file, not under one."""
+    path = Path(str(value))
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == path else f"lies under {p}, which is a file"
+                raise StudyError(f"{field}: {path} {what}; give a folder ({field}=FOLDER)")
+            break
+    return path
+
+
+def _integer(field: str, value, least: int, most: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least or (most is not None and value > most):
+        bound = f"from {least} to {most}" if most is not None else f">= {least}"
+        raise StudyError(f"{field}: expected an integer {bound}, got {value!r}")
+    return value
+
+
+def check_study(cfg: dict) -> None:
+    """A ``scripts/study.py`` command's settings (``conf/study.yaml`` resolved, as a dict) checked before anything is
+    written (issue 32); :class:`StudyError` naming the field and the fix."""
+    command = cfg.get("command")
+    if command not in COMMANDS:
+        raise StudyError(f"command: must be one of {', '.join(COMMANDS)}, got {command!r}; it is the first argument "
+                         "(python scripts/study.py build run_dir=...)")
+    run_dirs = list(cfg.get("run_dirs") or ([cfg["run_dir"]] if cfg.get("run_dir") else []))
+    if command == "build" and not run_dirs:
+        raise StudyError("run_dir: build needs run_dir=runs/NAME or run_dirs=[runs/A,runs/B]")
+    if str(cfg.get("study_dir")).startswith("None/"):
+        raise StudyError("study_dir: required, and not given; give study_dir=FOLDER (or run_dir=..., whose study/ "
+                         "folder is the default)")
+    study_dir = Path(str(cfg["study_dir"]))
+    if command == "build":
+        for d in run_dirs:
+            try:
+                runfolder.existing_run_dir(d, "run_dirs" if cfg.get("run_dirs") else "run_dir")
+            except runfolder.RunFolderError as err:
+                raise StudyError(str(err)) from None
+        n_cases = _integer("n_cases", cfg.get("n_cases"), 1)
+        _integer("seed", cfg.get("seed"), 0)
+        _folder_to_write("study_dir", study_dir)
+        if (study_dir / STUDY_FILE).exists() and not cfg.get("overwrite"):
+            raise StudyError(f"study_dir: {study_dir} holds a study already; give another study_dir or overwrite=true "
+                             "(its votes.sqlite is kept only if the cases stay the same)")
+        chosen, cases = _candidates(run_dirs, cfg.get("methods"))
+        if len(cases) < n_cases:
+            raise StudyError(f"n_cases: {n_cases}, but only {len(cases)} (combination, seed) pairs have an image of "
+                             f"every method {chosen}; lower n_cases or generate more")
+        return
+    if study_dir.exists() and not study_dir.is_dir():
+        raise StudyError(f"study_dir: {study_dir} is a file; give the folder a study was built into")
+    load_study(study_dir)
+    if command == "serve":
+        _integer("port", cfg.get("port"), 0, 65535)
+    elif command == "export":
+        target = Path(str(cfg.get("export_csv")))
+        if target.is_dir():
+            raise StudyError(f"export_csv: {target} is a folder; give a file name (export_csv=votes.csv)")
+        _folder_to_write("export_csv", target.parent)
+    else:
+        _folder_to_write("out_dir", cfg.get("out_dir"))
+        _integer("bootstrap.samples", (cfg.get("bootstrap") or {}).get("samples"), 1)
+
+
 def draw_cases(cases: dict, n_cases: int, seed: int) -> list[tuple[str, int]]:
     """``n_cases`` keys of ``cases``, round robin over subject counts (ascending), a random one from each."""
     by_count: dict[int, list] = {}
