@@ -141,6 +141,7 @@ def test_generate_run_is_named_for_its_method_and_logs_sheets_of_any_size_quietl
     (generated,) = runs_of(run)["generate"]
     assert generated.name == "generate-gen-run-anyms" and generated.tags == ["generate", "smoke", "tiny", "anyms"]
     assert len(generated.table("contact_sheets")["json"]["data"]) == 2
+    assert generated.config["hardware"] == runfolder.hardware("cpu")  # what the model ran on (no GPU here)
     # the tables' staged files (W&B keeps them until `wandb sync`) are in the run folder, not in the home folder
     assert all(str(run / "wandb") in p for p in generated.artifact_files[next(iter(generated.artifact_files))].values())
 

@@ -22,7 +22,7 @@ from anyms.core.attention_maps import AttentionMapSettings
 from anyms.benchmark import Combination, load_combinations, parse_seeds
 from anyms.core.layout import LayoutWarning
 from anyms.methods.base import GenerationConfigError, GenerationSettings, ModelLoadError, check_local_paths
-from anyms.methods.loading import check_hub_cache
+from anyms.methods.loading import check_hub_cache, resolve_device
 from runfolder import file_digest
 from runfolder.attention_maps import attention_maps_path, save_attention_maps
 from runfolder.lock import writer_lock
@@ -449,7 +449,8 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, method: str, summary: Generatio
     import wandb
 
     config = OmegaConf.to_container(cfg, resolve=True)
-    run = runfolder.wandb_run(config["wandb"], run_dir, "generate", {**config, **runfolder.provenance()},
+    device = resolve_device(str(cfg.model.get("device") or "auto"))  # as the model resolves it: the hardware it ran on
+    run = runfolder.wandb_run(config["wandb"], run_dir, "generate", {**config, **runfolder.provenance(device)},
                               methods=[method], benchmarks=[cfg.benchmark.name], models=[cfg.model.name])
     try:
         done = set(summary.generated)
