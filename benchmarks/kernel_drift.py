@@ -85,12 +85,13 @@ def pixel_drift(image: Path, reference: Path) -> dict:
     return {"max": int(diff.max()), "mean": float(diff.mean()), "identical": image.read_bytes() == reference.read_bytes()}
 
 
-def run_setting(name: str, out: Path, tiny_root: Path, data_root: Path) -> dict:
+def run_setting(name: str, out: Path, tiny_root: Path, data_root: Path, methods=METHODS) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in KERNEL_VARIABLES}
     env.update(SETTINGS[name]["env"])
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "benchmarks.kernel_drift", "--worker", str(out / name), "--tiny-root", str(tiny_root),
-           "--data-root", str(data_root), *(f"--override={o}" for o in SETTINGS[name].get("overrides", []))]
+           "--data-root", str(data_root), *(f"--override={o}" for o in SETTINGS[name].get("overrides", [])),
+           "--methods", *methods]
     start = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     seconds = round(time.perf_counter() - start, 1)
@@ -108,6 +109,7 @@ def run_setting(name: str, out: Path, tiny_root: Path, data_root: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--write-references", action="store_true", help="write tests/data/method_pins/ from 'default'")
     p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--tiny-root", type=Path, help=argparse.SUPPRESS)
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args(argv)
     if args.worker:  # one setting, in its own process
-        print(json.dumps(generate_pinned_images(args.worker, args.tiny_root, args.data_root, args.override)))
+        print(json.dumps(generate_pinned_images(args.worker, args.tiny_root, args.data_root, args.override, args.methods)))
         return 0
 
     import runfolder
@@ -127,12 +129,15 @@ def main(argv=None) -> int:
     if not (data_root / "dreambench").is_dir():
         p.error(f"--data-root {data_root}: no dreambench/ folder (the pinned images use DreamBench subjects)")
     settings = ["default"] + [s for s in args.settings if s != "default"]
+    methods = list(args.methods)
+    if args.write_references and methods != list(METHODS):
+        p.error("--write-references writes every method's reference: leave --methods out")
     with tempfile.TemporaryDirectory(prefix="kernel-drift-") as tmp:
         tmp = Path(tmp)
         tiny_root = write_tiny_hub(tmp / "tiny")
         runs = {}
         for name in settings:
-            runs[name] = run_setting(name, tmp / "images", tiny_root, data_root)
+            runs[name] = run_setting(name, tmp / "images", tiny_root, data_root, methods)
             print(f"{name}: {runs[name].get('cpu_capability') or runs[name]['error']}, {runs[name]['seconds']} s",
                   file=sys.stderr)
         if "error" in runs["default"]:
@@ -145,12 +150,13 @@ def main(argv=None) -> int:
         table = {name: {m: {"vs_default": pixel_drift(tmp / "images" / name / f"{m}.png", tmp / "images" / "default" / f"{m}.png"),
                             **({"vs_reference": pixel_drift(tmp / "images" / name / f"{m}.png", REFERENCES / f"{m}.png")}
                                if (REFERENCES / f"{m}.png").exists() else {})}
-                        for m in METHODS} for name in ran}
+                        for m in methods} for name in ran}
         # how far apart the methods themselves are (a refactor that changes a method must exceed the tolerance)
         between = {f"{a} vs {b}": pixel_drift(tmp / "images" / "default" / f"{a}.png", tmp / "images" / "default" / f"{b}.png")
                    for a, b in (("anyms", "wo_crop_merge"), ("anyms", "wo_local"), ("wo_crop_merge", "wo_local"),
-                                ("anyms", "ip_adapter_joint"), ("anyms", "text_only"))}
-    result = {"hardware": runfolder.hardware("cpu"), "settings": runs, "drift": table, "between_methods": between,
+                                ("anyms", "ip_adapter_joint"), ("anyms", "text_only")) if a in methods and b in methods}
+    result = {"hardware": runfolder.hardware("cpu"), "methods": methods, "settings": runs, "drift": table,
+              "between_methods": between,
               **runfolder.provenance()}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{time.strftime('%Y-%m-%d')}-{device_name('cpu')}-{result['hardware']['cpu_capability']}-kernel_drift"
@@ -170,10 +176,10 @@ def markdown(result: dict) -> str:
              f"({hw['cpu_capability']}), torch {result['versions'].get('torch')}, git {result['git_hash']}.",
              "Max / mean absolute difference per pixel channel (0-255) against the default setting's image"
              " (and against tests/data/method_pins/ where present).", "",
-             "| setting | ISA | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+             "| setting | ISA | " + " | ".join(result["methods"]) + " |", "|---|---|" + "---|" * len(result["methods"])]
     for name, per in result["drift"].items():
         cells = []
-        for m in METHODS:
+        for m in result["methods"]:
             d = per[m]["vs_default"]
             cell = "=" if d["identical"] else f"{d['max']} / {d['mean']:.4f}"
             if "vs_reference" in per[m]:
@@ -185,7 +191,7 @@ def markdown(result: dict) -> str:
     for name, run in result["settings"].items():
         if "error" in run:
             env = _setting_text(run)
-            lines.append(f"| {name} ({env}) | cannot run here: {run['error']} |" + " |" * len(METHODS))
+            lines.append(f"| {name} ({env}) | cannot run here: {run['error']} |" + " |" * len(result["methods"]))
     lines += ["", "Between methods (default setting), max / mean:", ""]
     lines += [f"- {k}: {v['max']} / {v['mean']:.3f}" for k, v in result["between_methods"].items()]
     return "\n".join(lines)

@@ -43,3 +43,20 @@ def test_image_pins_pass_under_forced_kernels(setting, tmp_path):
     print(f"\n{setting} on {hardware['label']}: " + ", ".join(
         f"{r['method']} {'=' if r['identical'] else str(r['max']) + ' / ' + format(r['mean'], '.4f')}" for r in rows))
     assert all(r["max"] <= MAX_ABS_DIFF and r["mean"] <= MEAN_ABS_DIFF for r in rows)
+
+
+@needs_pinned
+@pytest.mark.slow
+def test_kernel_drift_benchmark_measures_a_forced_setting_against_the_references(tmp_path):
+    """benchmarks/kernel_drift.py, the measurement behind the tolerance, on one method and one forced setting."""
+    from benchmarks import kernel_drift
+
+    assert kernel_drift.main(["--settings", "onednn_sse41", "--methods", "wo_local", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*-kernel_drift.json")
+    result = json.loads(path.read_text())
+    assert result["methods"] == ["wo_local"] and list(result["drift"]) == ["default", "onednn_sse41"]
+    assert result["settings"]["onednn_sse41"]["env"] == {"ONEDNN_MAX_CPU_ISA": "SSE41"}
+    default, forced = result["drift"]["default"]["wo_local"], result["drift"]["onednn_sse41"]["wo_local"]
+    assert default["vs_default"]["identical"]  # the reference setting against itself
+    assert default["vs_reference"]["max"] <= MAX_ABS_DIFF and forced["vs_reference"]["max"] <= MAX_ABS_DIFF
+    assert "| onednn_sse41 (ONEDNN_MAX_CPU_ISA=SSE41) |" in path.with_suffix(".md").read_text()
