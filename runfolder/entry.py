@@ -193,12 +193,14 @@ def _value_error(err: Exception) -> BadInput:
     return BadInput(f"{key}: {one_line(str(err))}; fix the value (or the environment variable it reads)")
 
 
-def check_command(stage: str, config_name: str, check: Callable[[Any], Any], errors: tuple = (),
-                  argv: Sequence[str] | None = None, hints: dict[str, str] | None = None,
-                  allow_missing: Sequence[str] = ()) -> None:
+def check_command(stage: str, config_name: str, check: Callable[[Any], Any],
+                  errors: Callable[[], tuple] = tuple, argv: Sequence[str] | None = None,
+                  hints: dict[str, str] | None = None, allow_missing: Sequence[str] = ()) -> None:
     """The pre-Hydra pass of an entry point: the command line (``argv``, default ``sys.argv``) composed into
-    each job's config, every required key checked, then ``check(cfg)`` and every interpolation resolved; a :class:`BadInput` or one of
-    ``errors`` ends the process with one line and exit code 2. What ``check`` returns is kept for
+    each job's config, every required key checked, then ``check(cfg)`` and every interpolation resolved; a
+    :class:`BadInput`, a :class:`~runfolder.RunFolderError` or one of the stage's ``errors()`` ends the process
+    with one line and exit code 2. ``errors`` is called only when something was raised: its classes live in
+    modules that import torch, which a quick refusal should not wait for. What ``check`` returns is kept for
     :func:`prechecked`. Hydra's inspecting flags (``--help``, ``--cfg``, ``--info``) skip the check."""
     from hydra._internal.utils import get_args_parser  # the parser @hydra.main itself uses
 
@@ -233,5 +235,9 @@ def check_command(stage: str, config_name: str, check: Callable[[Any], Any], err
             key = _key(cfg)
             if key is not None:
                 _CHECKED[key] = result
-    except (BadInput, *errors) as err:
-        refuse(stage, err)
+    except Exception as err:  # noqa: BLE001 - classified below; anything else is a failure, with its traceback
+        from runfolder import RunFolderError
+
+        if isinstance(err, (BadInput, RunFolderError)) or isinstance(err, tuple(errors())):
+            refuse(stage, err)
+        raise

@@ -13,7 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from runfolder.entry import BadInput, check_command, fail, prechecked, refuse
+from runfolder.entry import check_command, fail, prechecked, refuse
 
 log = logging.getLogger("scripts.evaluate")
 HINTS = {"run_dir": "run_dir=runs/NAME (the run folder to score, as generate or import_images wrote it)"}
@@ -29,16 +29,10 @@ def bad_input_errors() -> tuple:
 def check(cfg: DictConfig):
     import runfolder
 
-    try:
-        runfolder.existing_run_dir(cfg.run_dir)  # before importing torch: a quick answer
-    except runfolder.RunFolderError as err:
-        raise BadInput(str(err)) from None
+    runfolder.existing_run_dir(cfg.run_dir)  # before importing torch: a quick answer
     from eval.evaluate import check_evaluation
 
-    try:
-        return check_evaluation(cfg)
-    except bad_input_errors() as err:
-        raise BadInput(str(err)) from None
+    return check_evaluation(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
@@ -69,5 +63,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command("evaluate", "evaluate", check, hints=HINTS)
+    check_command("evaluate", "evaluate", check, bad_input_errors, hints=HINTS)
     main()

@@ -13,7 +13,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from runfolder.entry import BadInput, check_command, fail, prechecked, refuse
+from runfolder.entry import check_command, fail, prechecked, refuse
 
 log = logging.getLogger("scripts.generate")
 HINTS = {"run_dir": "run_dir=runs/NAME"}
@@ -32,17 +32,11 @@ def bad_input_errors() -> tuple:
 def check(cfg: DictConfig):
     import runfolder
 
-    try:
-        runfolder.checked_run_dir(cfg.run_dir)  # the checks that need no torch first: a quick answer
-        runfolder.parse_shard(cfg.shard)
-    except runfolder.RunFolderError as err:
-        raise BadInput(str(err)) from None
+    runfolder.checked_run_dir(cfg.run_dir)  # the checks that need no torch first: a quick answer
+    runfolder.parse_shard(cfg.shard)
     from anyms.generation.generate import check_generation
 
-    try:
-        return check_generation(cfg)
-    except bad_input_errors() as err:
-        raise BadInput(str(err)) from None
+    return check_generation(cfg)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
@@ -68,5 +62,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command("generate", "generate", check, hints=HINTS)
+    check_command("generate", "generate", check, bad_input_errors, hints=HINTS)
     main()

@@ -14,7 +14,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from runfolder.entry import BadInput, check_command, fail, prechecked, refuse
+from runfolder.entry import check_command, fail, prechecked, refuse
 
 log = logging.getLogger("scripts.import_images")
 HINTS = {"source": "source=FOLDER (the images to import, laid out as pattern says)",
@@ -36,16 +36,10 @@ def arguments(cfg: DictConfig) -> tuple:
 def check(cfg: DictConfig):
     import runfolder
 
-    try:
-        runfolder.checked_run_dir(cfg.run_dir)  # before importing torch: a quick answer
-    except runfolder.RunFolderError as err:
-        raise BadInput(str(err)) from None
-    try:
-        from anyms.generation.importer import check_import
+    runfolder.checked_run_dir(cfg.run_dir)  # before importing torch: a quick answer
+    from anyms.generation.importer import check_import
 
-        return check_import(*arguments(cfg))
-    except bad_input_errors() as err:
-        raise BadInput(str(err)) from None
+    return check_import(*arguments(cfg))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="import")
@@ -75,5 +69,5 @@ def method_argument(argv: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = method_argument(sys.argv)
-    check_command("import", "import", check, hints=HINTS)
+    check_command("import", "import", check, bad_input_errors, hints=HINTS)
     main()

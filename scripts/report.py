@@ -51,19 +51,13 @@ def check(cfg: DictConfig):
     run_dirs, out_dir = run_dirs_of(cfg), out_dir_of(cfg)
     import runfolder
 
-    try:
-        for d in run_dirs:  # before importing pandas: a quick answer
-            runfolder.existing_run_dir(d, "run_dirs" if cfg.run_dirs is not None else "run_dir")
-        runfolder.checked_folder(out_dir, "out_dir", "out_dir=FOLDER")
-    except runfolder.RunFolderError as err:
-        raise BadInput(str(err)) from None
+    for d in run_dirs:  # before importing pandas: a quick answer
+        runfolder.existing_run_dir(d, "run_dirs" if cfg.run_dirs is not None else "run_dir")
+    runfolder.checked_folder(out_dir, "out_dir", "out_dir=FOLDER")
     from eval.report import check_report
 
-    try:
-        return check_report(run_dirs, out_dir, OmegaConf.to_container(cfg.bootstrap),
-                            OmegaConf.to_container(cfg.figures), split=bool(cfg.get("split", False)))
-    except bad_input_errors() as err:
-        raise BadInput(str(err)) from None
+    return check_report(run_dirs, out_dir, OmegaConf.to_container(cfg.bootstrap),
+                        OmegaConf.to_container(cfg.figures), split=bool(cfg.get("split", False)))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="report")
@@ -90,5 +84,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    check_command("report", "report", check, allow_missing=("run_dir",))
+    check_command("report", "report", check, bad_input_errors, allow_missing=("run_dir",))
     main()

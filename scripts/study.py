@@ -16,7 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from runfolder.entry import BadInput, check_command, fail
+from runfolder.entry import check_command, fail
 
 COMMANDS = ("build", "serve", "export", "report")
 log = logging.getLogger("scripts.study")
@@ -24,12 +24,15 @@ HINTS = {"command": "the command as the first argument: python scripts/study.py 
 
 
 def check(cfg: DictConfig) -> None:
-    from eval.study.build import StudyError, check_study
+    from eval.study.build import check_study
 
-    try:
-        check_study(OmegaConf.to_container(cfg, resolve=True))
-    except StudyError as err:
-        raise BadInput(str(err)) from None
+    check_study(OmegaConf.to_container(cfg, resolve=True))
+
+
+def bad_input_errors() -> tuple:
+    from eval.study.build import StudyError
+
+    return (StudyError,)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
@@ -75,5 +78,5 @@ if __name__ == "__main__":
     # `study.py build k=v ...`: the first argument is the command
     if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
         sys.argv[1] = f"command={sys.argv[1]}"
-    check_command("study", "study", check, hints=HINTS)
+    check_command("study", "study", check, bad_input_errors, hints=HINTS)
     main()
